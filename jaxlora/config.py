@@ -1,0 +1,75 @@
+"""The run config: one typed, frozen dataclass per concern, composed into `RunConfig`.
+
+A YAML file in configs/ fills in this schema (`jaxlora train --config configs/x.yaml --set optim.learning_rate=1e-4`);
+an unknown key or a wrong type is an error naming the key (see `configfile`). Each section's dataclass lives with the
+code it configures: LoraConfig in lora.py, DataConfig in data.py, OptimConfig in optim.py, MeshConfig in sharding.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxlora.data import DataConfig
+from jaxlora.lora import LoraConfig
+from jaxlora.optim import OptimConfig
+from jaxlora.sharding import MeshConfig
+from jaxlora.models.llama import REMAT_POLICIES
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""  # Hugging Face model folder or hub id
+    dtype: str = "float32"  # compute dtype: float32, or bfloat16 on accelerators
+    param_dtype: str | None = None  # storage dtype of the frozen base (default: dtype)
+    remat: str = "none"  # rematerialization: none, full, save_matmuls
+    attention_impl: str | None = None  # None (XLA picks), xla, or cudnn (flash attention on NVIDIA GPUs)
+
+    def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.attention_impl not in (None, "xla", "cudnn"):
+            raise ValueError(f"attention_impl must be null, xla or cudnn, got {self.attention_impl!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = "runs/default"  # checkpoints, metrics.jsonl, the final adapter and the resolved config
+    micro_batch_size: int = 8  # examples per micro-batch, across all devices and processes
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (effective batch = micro * accum)
+    epochs: float = 1.0  # passes over the training data (ignored when max_steps is set)
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    seed: int = 0  # data order, LoRA init and dropout
+    log_every: int = 10  # steps between metric lines (metrics.jsonl, TensorBoard)
+    eval_every: int = 0  # steps between held-out evaluations; 0 = only at the end (if eval data exists)
+    eval_batches: int | None = None  # cap on held-out batches per evaluation (None = all)
+    save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 3  # checkpoints kept (oldest deleted)
+    resume: bool = True  # continue from the latest checkpoint in output_dir if there is one
+    tensorboard: bool = False  # also write TensorBoard events (needs tensorboardX)
+    peak_tflops_per_device: float | None = None  # for MFU; None = measured matmul peak on CPU, unknown elsewhere
+    progress_bar: bool = True  # tqdm progress bar
+    coordinator_address: str | None = None  # multi-process: host:port of process 0 (automatic on TPU pods)
+    num_processes: int | None = None  # multi-process: total processes
+    process_id: int | None = None  # multi-process: this process's index
+
+    def __post_init__(self):
+        for name in ("micro_batch_size", "grad_accum_steps", "log_every", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+
+def load_run_config(path: str | None, overrides=()) -> RunConfig:
+    from jaxlora.configfile import load_config
+    return load_config(RunConfig, path, overrides)

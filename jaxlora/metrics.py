@@ -1,0 +1,92 @@
+"""Training metrics out: a tqdm progress bar, a JSONL file, optionally TensorBoard; tokens/s and MFU.
+
+Throughput is measured between consecutive step completions (the first step, which includes compilation, is not
+counted). MFU = achieved FLOP/s (XLA's cost analysis of the compiled step) / peak FLOP/s of the devices; on CPU the
+peak is measured with a large float32 matmul, elsewhere it comes from the config (train.peak_tflops_per_device).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+
+def measure_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+    """Measured float32 matmul FLOP/s of one device (best of `repeats`)."""
+    x = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+class MetricsLogger:
+    """Writes one JSON line per logged step to output_dir/metrics.jsonl (process 0 only) and drives the bar."""
+
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int, progress_bar: bool = True,
+                 tensorboard: bool = False, peak_flops: float | None = None, log_every: int = 1):
+        self.main = jax.process_index() == 0
+        self.peak_flops, self.log_every = peak_flops, log_every
+        self._file = open(Path(output_dir) / "metrics.jsonl", "a") if self.main else None
+        self._bar = None
+        if self.main and progress_bar:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self._tb = None
+        if self.main and tensorboard:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+        self._last_time: float | None = None
+        self._tokens = 0
+        self._seconds = 0.0
+
+    def log_step(self, step: int, metrics: dict, tokens: int, flops: float | None) -> None:
+        now = time.perf_counter()
+        record = {"step": step, **metrics}
+        if self._last_time is not None:  # the first step includes compilation: not a throughput sample
+            dt = now - self._last_time
+            self._tokens += tokens
+            self._seconds += dt
+            record["tokens_per_second"] = tokens / dt
+            if flops and self.peak_flops:
+                record["mfu"] = flops / dt / self.peak_flops
+        self._last_time = now
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics.get('learning_rate', 0):.2e}",
+                                  tok_s=f"{record.get('tokens_per_second', 0):.0f}", refresh=False)
+        if step % self.log_every == 0:
+            self._write(record)
+
+    def log_eval(self, step: int, loss: float) -> None:
+        import math
+        self._write({"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))})
+        self._last_time = None  # evaluation time is not training throughput
+
+    def _write(self, record: dict) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, record["step"])
+
+    def tokens_per_second(self) -> float:
+        return self._tokens / self._seconds if self._seconds else 0.0
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()

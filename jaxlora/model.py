@@ -1,0 +1,202 @@
+"""`jaxlora.Model`: a Flax module, its config, its frozen params and their shardings, loaded from Hugging Face.
+
+    model = jaxlora.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")     # hub id or local folder
+    logits = model.apply(model.params, input_ids, attention_mask, lora=lora)
+
+Loading follows eval_shape -> shardings -> per-tensor placement (see `hf_checkpoint`), so parameters land on the
+mesh directly. `save_pretrained` writes HF safetensors + config.json that transformers' AutoModelForCausalLM loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+from jax.sharding import Mesh
+
+from jaxlora import hf_checkpoint, lora as lora_lib, sharding
+from jaxlora.hf_checkpoint import CheckpointError, NameRule, NameTable
+from jaxlora.models import llama
+
+log = logging.getLogger(__name__)
+
+LLAMA_NAMES = NameTable(rules=(
+    NameRule(r"model/embed_tokens/embedding", "model.embed_tokens.weight"),
+    NameRule(r"model/layers/(self_attn|mlp)/(\w+)/kernel", "model.layers.{layer}.{0}.{1}.weight", transpose=True),
+    NameRule(r"model/layers/(self_attn|mlp)/(\w+)/bias", "model.layers.{layer}.{0}.{1}.bias"),
+    NameRule(r"model/layers/(\w+)/scale", "model.layers.{layer}.{0}.weight"),
+    NameRule(r"model/norm/scale", "model.norm.weight"),
+    NameRule(r"lm_head/kernel", "lm_head.weight", transpose=True),
+), ignore=(r".*rotary_emb\.inv_freq",))
+
+# HF architecture -> (config class, module class, name table). One line per family.
+FAMILIES = {arch: (llama.LlamaConfig, llama.LlamaForCausalLM, LLAMA_NAMES) for arch in llama.SUPPORTED_ARCHITECTURES}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
+
+
+def _dtype(x) -> Any:
+    return jnp.dtype(x) if x is not None else None
+
+
+class Model:
+    """A causal LM: `module` (Flax), `config`, frozen `params` (sharded over `mesh`), and how to apply them."""
+
+    def __init__(self, config, module: nn.Module, names: NameTable, mesh: Mesh, rules=sharding.DEFAULT_RULES,
+                 params=None, source: str | None = None, hf_config: dict | None = None):
+        self.config, self.module, self.names, self.mesh, self.rules = config, module, names, mesh, rules
+        self.params, self.source, self.hf_config = params, source, hf_config or {}
+        boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
+        self.param_axes = jax.tree.map(lambda b: b.names, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        self.abstract_params = nn.meta.unbox(boxed)
+        self.param_shardings = sharding.tree_shardings(self.param_axes, self.abstract_params, mesh, rules)
+
+    def _init_boxed(self, rng):
+        ids = jnp.zeros((1, 8), jnp.int32)
+        return self.module.init(rng, ids)["params"]
+
+    # ------------------------------------------------------------------------------------------ construction
+
+    @classmethod
+    def random(cls, hf_config: dict, *, dtype="float32", param_dtype="float32", mesh: Mesh | None = None,
+               seed: int = 0, **module_kwargs) -> "Model":
+        """A randomly initialized model for an HF config dict (tests, benchmarks, AOT planning)."""
+        model = cls._build(hf_config, dtype, param_dtype, mesh, **module_kwargs)
+        init = jax.jit(lambda rng: nn.meta.unbox(model._init_boxed(rng)), out_shardings=model.param_shardings)
+        model.params = init(jax.random.key(seed))
+        return model
+
+    @classmethod
+    def _build(cls, hf_config: dict, dtype, param_dtype, mesh, where: str = "config.json", remat: str = "none",
+               attention_impl: str | None = None, rules=sharding.DEFAULT_RULES) -> "Model":
+        archs = hf_config.get("architectures") or []
+        config_cls, module_cls, names = FAMILIES.get(archs[0] if archs else "", FAMILIES["LlamaForCausalLM"])
+        config = config_cls.from_hf_dict(hf_config, where)
+        module = module_cls(config, dtype=_dtype(dtype), param_dtype=_dtype(param_dtype or dtype), remat=remat,
+                            attention_impl=attention_impl)
+        return cls(config, module, names, mesh or sharding.make_mesh(), rules, hf_config=hf_config)
+
+    # ------------------------------------------------------------------------------------------ use
+
+    def apply(self, params, input_ids, attention_mask=None, lora=None, *, positions=None,
+              deterministic: bool = True, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """Logits (B, T, vocab). `lora` is a LoRA tree (or None); dropout runs only when deterministic=False."""
+        rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
+        return self.module.apply({"params": params}, input_ids, attention_mask, positions, lora,
+                                 deterministic=deterministic, rngs=rngs)
+
+    def lora_targets(self, lora_config) -> list[lora_lib.Target]:
+        return lora_lib.resolve_targets(self.abstract_params, lora_config, self.config.num_hidden_layers,
+                                        self.config.model_type, self.names.stack_name)
+
+    def lora_axes(self, targets):
+        """Logical axes tree of the LoRA tree (a LoraWeights of axis tuples per target)."""
+        flat_axes = traverse_util.flatten_dict(self.param_axes)
+        return {t.path: lora_lib.lora_axes(flat_axes[t.path + ("kernel",)]) for t in targets}
+
+    def lora_shardings(self, targets, lora_config) -> dict:
+        """NamedShardings for the LoRA tree: a follows its kernel's input dim, b its output dim."""
+        axes = self.lora_axes(targets)
+        kernels = lora_lib.linear_modules(self.abstract_params)
+
+        def make(t):
+            *lead, d_in, d_out = kernels[t.path].shape
+            ax_a, ax_b = axes[t.path]
+            return lora_lib.LoraWeights(
+                sharding.named_sharding(ax_a, (*lead, d_in, t.rank), self.mesh, self.rules),
+                sharding.named_sharding(ax_b, (*lead, t.rank, d_out), self.mesh, self.rules),
+                scale=t.scale, dropout=lora_config.lora_dropout)
+        return lora_lib.build_lora_tree(targets, make)
+
+    def tokenizer(self):
+        """The HF tokenizer saved beside the weights (transformers' AutoTokenizer)."""
+        from transformers import AutoTokenizer
+        if self.source is None:
+            raise ValueError("this model was not loaded from a folder; it has no tokenizer")
+        return AutoTokenizer.from_pretrained(self.source)
+
+    # ------------------------------------------------------------------------------------------ export
+
+    def save_pretrained(self, out_dir: str | os.PathLike, params=None, *, overwrite: bool = False,
+                        max_shard_bytes: int = 5 * 2**30) -> Path | None:
+        """Writes HF safetensors + config.json (+ the tokenizer files of the source folder).
+
+        `params` defaults to the model's own; pass `jaxlora.merge(params, lora)` for a merged export. Tensors are
+        gathered one at a time; with several processes all take part and process 0 writes.
+        """
+        params = self.params if params is None else params
+        tensors = hf_checkpoint.iter_hf_tensors(params, self.names, self.config.num_hidden_layers)
+        if jax.process_index() != 0:
+            for _ in tensors:  # take part in each gather
+                pass
+            return None
+
+        def write(tmp: Path):
+            hf_checkpoint.write_safetensors(tensors, tmp, max_shard_bytes)
+            hf = dict(self.hf_config)
+            hf["torch_dtype"] = hf["dtype"] = str(jax.tree.leaves(params)[0].dtype)
+            (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+            for name in _TOKENIZER_FILES if self.source else ():
+                if (Path(self.source) / name).exists():
+                    shutil.copy(Path(self.source) / name, tmp / name)
+
+        return hf_checkpoint.atomic_folder(out_dir, write, overwrite)
+
+
+def resolve_folder(path: str | os.PathLike) -> Path:
+    """A local folder as is; otherwise a hub id, downloaded (config, safetensors, tokenizer) where the hub is up."""
+    p = Path(path)
+    if p.is_dir():
+        return p
+    if p.exists() or str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
+        raise CheckpointError(f"model folder {path} does not exist (nor is it a hub id like 'org/name')")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "tokenizer*",
+                                                                  "*.jinja", "*.txt", "*.model"]))
+    except Exception as e:  # offline, unknown repo, gated: one clear message
+        raise CheckpointError(f"model {path}: not a local folder and the hub download failed: {e}") from None
+
+
+def read_hf_config(folder: Path) -> dict:
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
+    try:
+        return json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON: {e}") from None
+
+
+def from_pretrained(path: str | os.PathLike, dtype="float32", *, param_dtype=None, mesh: Mesh | None = None,
+                    remat: str = "none", attention_impl: str | None = None,
+                    rules=sharding.DEFAULT_RULES) -> Model:
+    """Loads a Hugging Face causal LM (local folder or hub id) into a sharded `jaxlora.Model`.
+
+    Args:
+      path: a folder with config.json and *.safetensors, or a hub id.
+      dtype: compute dtype (e.g. "bfloat16" on accelerators).
+      param_dtype: storage dtype of the frozen weights (default: dtype).
+      mesh: device mesh (default: all devices on the data axis).
+      remat: "none", "full" or "save_matmuls" (keep matmul outputs, recompute the rest).
+      attention_impl: None (XLA picks), "xla" or "cudnn" (flash attention on NVIDIA GPUs).
+    """
+    folder = resolve_folder(path)
+    hf_config = read_hf_config(folder)
+    model = Model._build(hf_config, dtype, param_dtype, mesh, where=str(folder / "config.json"), remat=remat,
+                         attention_impl=attention_impl, rules=rules)
+    model.source = str(folder)
+    if model.config.tie_word_embeddings:  # some tied checkpoints still carry a copy of the embedding
+        model.names = dataclasses.replace(model.names, ignore=model.names.ignore + (r"lm_head\.weight",))
+    model.params = hf_checkpoint.load_params(folder, model.names, model.abstract_params, model.param_shardings,
+                                             model.config.num_hidden_layers)
+    return model

@@ -1,0 +1,311 @@
+"""The Llama family in Flax linen: Llama 2/3, Mistral, Qwen2/2.5, SmolLM2.
+
+One implementation covers every variant; the differences are read from the HF config.json into `LlamaConfig`
+(rope theta and scaling, GQA head counts, head_dim, q/k/v biases, tied embeddings, sliding window).
+
+Parameters mirror Hugging Face module names with the layer index folded into a leading stacked axis, so the
+decoder layers run under `nn.scan` and compile time does not grow with depth:
+
+    HF:   model.layers.7.self_attn.q_proj.weight  (out, in)
+    ours: params["model"]["layers"]["self_attn"]["q_proj"]["kernel"][7]  (in, out)
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`); `jaxlora.sharding` maps them to
+mesh axes. LoRA is not a variable of this module: the LoRA tree is an *argument* of `__call__`, threaded down to
+each `LoraDense` (and sliced per layer by the scan), so adapters are differentiated as plain function inputs and the
+frozen kernel never receives a weight gradient. The forward adds `s * dropout(x) @ a @ b` and never forms
+`W + s*a@b`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora.lora_weights import LoraWeights
+
+REMAT_POLICIES = ("none", "full", "save_matmuls")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture hyperparameters, read from a Hugging Face config.json (see `from_hf_dict`)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] = ()  # sorted (key, value) pairs of HF's rope_scaling, hashable
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 and Llama attention_bias
+    o_bias: bool = False  # Llama attention_bias only
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    architecture: str = "LlamaForCausalLM"
+    model_type: str = "llama"
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict, where: str = "config.json") -> "LlamaConfig":
+        """Builds the config from a parsed HF config.json, for any supported Llama-family architecture."""
+        archs = hf.get("architectures") or []
+        arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                                       "qwen2": "Qwen2ForCausalLM"}.get(hf.get("model_type", ""), "")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"{where}: unsupported architecture {arch or hf.get('model_type')!r}; "
+                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in _ROPE_TYPES:
+            raise ValueError(f"{where}: rope type {rope_type!r} is not supported; supported: {_ROPE_TYPES}")
+        rope = {} if rope_type == "default" else {**rope, "rope_type": rope_type}
+        heads = hf["num_attention_heads"]
+        is_qwen = arch == "Qwen2ForCausalLM"
+        window = hf.get("sliding_window")
+        if is_qwen and not hf.get("use_sliding_window", False):
+            window = None
+        return cls(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rope_scaling=tuple(sorted(rope.items())),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=True if is_qwen else bool(hf.get("attention_bias", False)),
+            o_bias=False if is_qwen else bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)), sliding_window=window,
+            architecture=arch, model_type=hf.get("model_type", "llama"))
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count (embeddings included), for MFU estimates and logs."""
+        d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = d * h * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
+        per_layer = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_word_embeddings else d * self.vocab_size
+        return self.num_hidden_layers * per_layer + self.vocab_size * d + d + head
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """Rotary inverse frequencies, with HF's 'linear' and 'llama3' scalings (float64, then float32 like HF)."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    scaling = dict(cfg.rope_scaling)
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv = inv / scaling["factor"]
+    elif kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = np.where(is_medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def rope_cos_sin(positions_BxT: jax.Array, cfg: LlamaConfig) -> tuple[jax.Array, jax.Array]:
+    freqs_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(cfg))[None, None, :]
+    emb_BxTxH = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)
+    return jnp.cos(emb_BxTxH), jnp.sin(emb_BxTxH)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array) -> jax.Array:
+    """HF's rotate-half layout: no q/k permutation is needed for HF checkpoints."""
+    half = x_BxTxNxH.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BxTxNxH[..., half:], x_BxTxNxH[..., :half]], axis=-1)
+    cos, sin = cos_BxTxH[:, :, None, :], sin_BxTxH[:, :, None, :]
+    return (x_BxTxNxH * cos + rotated * sin).astype(x_BxTxNxH.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # HF casts back to the input dtype before multiplying by the weight.
+        return scale.astype(self.dtype)[None, None, :] * normed.astype(self.dtype)
+
+
+class LoraDense(nn.Module):
+    """A frozen-able dense layer (kernel (in, out)) with an optional LoRA branch passed in as an argument."""
+
+    features: int
+    kernel_axes: tuple[str, str]
+    use_bias: bool
+    dtype: Any
+    param_dtype: Any
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, lora: LoraWeights | None = None):
+        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.kernel_axes),
+                            (x.shape[-1], self.features), self.param_dtype)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[1:]),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
+        if lora is not None:
+            x_in = nn.Dropout(rate=lora.dropout)(x, deterministic=self.deterministic)
+            xa = jnp.dot(x_in.astype(self.dtype), lora.a.astype(self.dtype))
+            y = y + (lora.scale * jnp.dot(xa, lora.b.astype(self.dtype))).astype(y.dtype)
+        return y
+
+
+class Attention(nn.Module):
+    cfg: LlamaConfig
+    dtype: Any
+    param_dtype: Any
+    deterministic: bool
+    attention_impl: str | None
+
+    @nn.compact
+    def __call__(self, x_BxTxD, cos, sin, mask_Bx1xTxT, lora):
+        c, lora = self.cfg, lora or {}
+        n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        b, t, _ = x_BxTxD.shape
+
+        def proj(features, axes, bias, name, x):
+            layer = LoraDense(features, axes, bias, self.dtype, self.param_dtype, self.deterministic, name=name)
+            return layer(x, lora.get(name))
+
+        q = proj(n * h, ("embed", "heads"), c.qkv_bias, "q_proj", x_BxTxD).reshape(b, t, n, h)
+        kk = proj(k * h, ("embed", "kv_heads"), c.qkv_bias, "k_proj", x_BxTxD).reshape(b, t, k, h)
+        v = proj(k * h, ("embed", "kv_heads"), c.qkv_bias, "v_proj", x_BxTxD).reshape(b, t, k, h)
+        q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
+        out = jax.nn.dot_product_attention(q, kk, v, mask=mask_Bx1xTxT, implementation=self.attention_impl)
+        return proj(c.hidden_size, ("heads", "embed"), c.o_bias, "o_proj", out.reshape(b, t, n * h))
+
+
+class MLP(nn.Module):
+    cfg: LlamaConfig
+    dtype: Any
+    param_dtype: Any
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BxTxD, lora):
+        c, lora = self.cfg, lora or {}
+        dense = lambda f, axes, name, x: LoraDense(f, axes, c.mlp_bias, self.dtype, self.param_dtype,
+                                                   self.deterministic, name=name)(x, lora.get(name))
+        gate = dense(c.intermediate_size, ("embed", "mlp"), "gate_proj", x_BxTxD)
+        up = dense(c.intermediate_size, ("embed", "mlp"), "up_proj", x_BxTxD)
+        return dense(c.hidden_size, ("mlp", "embed"), "down_proj", nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm decoder layer; scanned over the stacked layer axis (carry = hidden states)."""
+
+    cfg: LlamaConfig
+    dtype: Any
+    param_dtype: Any
+    deterministic: bool
+    attention_impl: str | None
+
+    @nn.compact
+    def __call__(self, x_BxTxD, lora, cos, sin, mask):
+        c, lora = self.cfg, lora or {}
+        norm = lambda name: RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name=name)
+        attn = Attention(c, self.dtype, self.param_dtype, self.deterministic, self.attention_impl, name="self_attn")
+        h = x_BxTxD + attn(norm("input_layernorm")(x_BxTxD), cos, sin, mask, lora.get("self_attn"))
+        mlp = MLP(c, self.dtype, self.param_dtype, self.deterministic, name="mlp")
+        return h + mlp(norm("post_attention_layernorm")(h), lora.get("mlp")), None
+
+
+def _remat_policy(name: str):
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {name!r}")
+    return {"full": jax.checkpoint_policies.nothing_saveable,
+            "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}.get(name)
+
+
+class LlamaModel(nn.Module):
+    cfg: LlamaConfig
+    dtype: Any
+    param_dtype: Any
+    remat: str
+    deterministic: bool
+    attention_impl: str | None
+
+    @nn.compact
+    def __call__(self, input_ids_BxT, attention_mask_BxT, positions_BxT, lora):
+        c, lora = self.cfg, lora or {}
+        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                     ("vocab", "embed")),
+                         name="embed_tokens")
+        x = embed(input_ids_BxT)
+        cos, sin = rope_cos_sin(positions_BxT, c)
+        mask = causal_padding_mask(attention_mask_BxT, c.sliding_window)
+        layer_cls = DecoderLayer
+        if self.remat != "none":
+            layer_cls = nn.remat(DecoderLayer, policy=_remat_policy(self.remat), prevent_cse=False)
+        layers = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
+                         metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = layers(c, self.dtype, self.param_dtype, self.deterministic, self.attention_impl,
+                      name="layers")(x, lora.get("layers"), cos, sin, mask)
+        return RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x), embed
+
+
+def causal_padding_mask(attention_mask_BxT: jax.Array, sliding_window: int | None) -> jax.Array:
+    """(B, 1, T, T) boolean: query i sees key j iff j <= i, j is not padding, and i - j < window."""
+    t = attention_mask_BxT.shape[1]
+    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    allowed_TxT = j <= i
+    if sliding_window is not None:
+        allowed_TxT &= (i - j) < sliding_window
+    return allowed_TxT[None, None] & attention_mask_BxT.astype(bool)[:, None, None, :]
+
+
+class LlamaForCausalLM(nn.Module):
+    """Causal LM head over `LlamaModel`; returns logits (B, T, vocab) in the compute dtype."""
+
+    cfg: LlamaConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: str = "none"
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None, lora=None,
+                 deterministic: bool = True):
+        lora = lora or {}
+        if attention_mask_BxT is None:
+            attention_mask_BxT = jnp.ones(input_ids_BxT.shape, jnp.int32)
+        if positions_BxT is None:  # like HF: positions are 0..T-1 whatever the padding
+            positions_BxT = jnp.broadcast_to(jnp.arange(input_ids_BxT.shape[1]), input_ids_BxT.shape)
+        model = LlamaModel(self.cfg, self.dtype, self.param_dtype, self.remat, deterministic,
+                           self.attention_impl, name="model")
+        x_BxTxD, embed = model(input_ids_BxT, attention_mask_BxT, positions_BxT, lora.get("model"))
+        if self.cfg.tie_word_embeddings:
+            return embed.attend(x_BxTxD)
+        return LoraDense(self.cfg.vocab_size, ("embed", "vocab"), False, self.dtype, self.param_dtype,
+                         deterministic, name="lm_head")(x_BxTxD, lora.get("lm_head"))

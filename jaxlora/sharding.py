@@ -1,0 +1,111 @@
+"""Device mesh and the one table that maps logical axis names to mesh axes.
+
+Every parameter is declared with logical axis names ("embed", "heads", "mlp", "vocab", "layers", ...); the mesh has
+axes ("data", "fsdp", "tensor"). `DEFAULT_RULES` is the single place that decides how a name is split:
+
+    kernel q_proj   ("layers", "embed", "heads")  ->  P(None, "fsdp", "tensor")
+    LoRA a          ("layers", "embed", "lora_rank") -> P(None, "fsdp", None)     (input dim of its kernel)
+    LoRA b          ("layers", "lora_rank", "heads") -> P(None, None, "tensor")   (output dim of its kernel)
+    batch           ("batch", "seq")               ->  P(("data", "fsdp"), None)
+
+A dimension that a mesh axis does not divide is replicated instead (e.g. 3 KV heads on a tensor axis of 2), so any
+model runs on any mesh; the fallback is logged once per parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("seq", None),
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("lora_rank", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # data-parallel replicas; -1 = all devices left over by fsdp and tensor
+    fsdp: int = 1  # parameters (and optimizer state) split over this axis, gathered per layer
+    tensor: int = 1  # tensor (model) parallelism over heads / mlp / vocab
+
+    def __post_init__(self):
+        for name in MESH_AXES:
+            size = getattr(self, name)
+            if size == 0 or size < -1:
+                raise ValueError(f"mesh.{name} must be a positive size or -1, got {size}")
+        if [self.data, self.fsdp, self.tensor].count(-1) > 1:
+            raise ValueError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+
+
+def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all); -1 takes the remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide the {len(devices)} devices")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                         f"but {len(devices)} are available")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules=DEFAULT_RULES) -> P:
+    """PartitionSpec for one array: each logical name mapped by `rules`, unless the mesh axis does not divide it."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(names, shape):
+        target = table.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+        size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        if axes and dim % size:
+            log.debug("replicating dim %d (%s) of shape %s: mesh axes %s of size %d do not divide it",
+                      dim, name, tuple(shape), axes, size)
+            axes = ()
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else (axes or None))
+    return P(*spec)
+
+
+def named_sharding(names, shape, mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
+
+
+def tree_shardings(axes_tree, shape_tree, mesh: Mesh, rules=DEFAULT_RULES):
+    """Maps a tree of logical-name tuples and a matching tree of shapes (anything with .shape) to NamedShardings."""
+    return jax.tree.map(lambda names, x: named_sharding(names, x.shape, mesh, rules), axes_tree, shape_tree,
+                        is_leaf=lambda n: isinstance(n, tuple))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:
+    """Batch arrays (B, T, ...): the batch dim over (data, fsdp), the rest replicated."""
+    axes = dict(rules)["batch"]
+    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if mesh.shape[a] > 1)
+    return NamedSharding(mesh, P(axes or None, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

@@ -1,0 +1,145 @@
+"""The pure training step: `train_step(params, state, batch) -> (state, metrics)`, jitted once per batch shape.
+
+    params   frozen base (an argument, never donated, never differentiated, never updated)
+    state    TrainState(step, trainable={"lora": ..., "full": ...}, opt_state, rng)   -- donated
+    batch    {"input_ids", "attention_mask", "labels"}: (accum * micro, T), sharded over (data, fsdp)
+
+Gradient accumulation is a `lax.scan` over micro-batches inside the one compiled step. The loss is the mean
+next-token cross entropy over tokens whose label is not -100 (prompt and padding), taken over the whole accumulated
+batch. Only the trainable tree is differentiated, so the frozen kernels get no weight-gradient computation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from jaxlora import lora as lora_lib, sharding
+
+IGNORE_INDEX = -100
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array
+    trainable: Any  # {"lora": LoRA tree, "full": modules_to_save params}
+    opt_state: Any
+    rng: jax.Array
+
+
+def token_loss_sums(logits_BxTxV: jax.Array, labels_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sum of next-token cross entropy over labelled tokens, and their count (float32)."""
+    logits = logits_BxTxV[:, :-1].astype(jnp.float32)
+    targets = labels_BxT[:, 1:]
+    valid = targets != IGNORE_INDEX
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, logz - picked, 0.0)), jnp.sum(valid).astype(jnp.float32)
+
+
+def make_loss_fn(model) -> Callable:
+    def loss_sums(trainable, params, batch, rng, deterministic: bool):
+        effective = lora_lib.overlay(params, trainable["full"])
+        logits = model.apply(effective, batch["input_ids"], batch["attention_mask"], lora=trainable["lora"],
+                             deterministic=deterministic, dropout_rng=rng)
+        return token_loss_sums(logits, batch["labels"])
+    return loss_sums
+
+
+def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accum_steps: int) -> Callable:
+    """The un-jitted step; see `jit_train_step` for shardings and donation."""
+    loss_sums = make_loss_fn(model)
+
+    def train_step(params, state: TrainState, batch):
+        rng, step_rng = jax.random.split(state.rng)
+        micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+
+        def accumulate(carry, xs):
+            grads, loss_sum, count = carry
+            mb, i = xs
+            (ls, n), g = jax.value_and_grad(loss_sums, has_aux=True)(
+                state.trainable, params, mb, jax.random.fold_in(step_rng, i), False)
+            return (jax.tree.map(jnp.add, grads, g), loss_sum + ls, count + n), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+        (grads, loss_sum, count), _ = jax.lax.scan(
+            accumulate, (zeros, jnp.float32(0), jnp.float32(0)), (micro, jnp.arange(grad_accum_steps)))
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {"loss": loss_sum / denom, "tokens": count, "grad_norm": optax.global_norm(grads),
+                   "learning_rate": schedule(state.step)}
+        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, rng=rng), metrics
+
+    return train_step
+
+
+def make_eval_step(model) -> Callable:
+    loss_sums = make_loss_fn(model)
+
+    def eval_step(params, trainable, batch):
+        return loss_sums(trainable, params, batch, None, True)
+    return eval_step
+
+
+# ------------------------------------------------------------------------------------------------ shardings
+
+
+def opt_state_shardings(opt_state_abstract, trainable_shardings, mesh) -> Any:
+    """Optimizer moments take their parameter's sharding (matched by key-path suffix); counters are replicated."""
+    by_path = {tuple(map(str, p)): s for p, s in jax.tree_util.tree_leaves_with_path(trainable_shardings)}
+
+    def pick(path, leaf):
+        keys = tuple(map(str, path))
+        for i in range(len(keys)):
+            s = by_path.get(keys[i:])
+            if s is not None and len(s.spec) <= leaf.ndim:
+                return s
+        return sharding.replicated(mesh)
+    return jax.tree_util.tree_map_with_path(pick, opt_state_abstract)
+
+
+def state_shardings(state_abstract: TrainState, trainable_shardings, mesh) -> TrainState:
+    rep = sharding.replicated(mesh)
+    return TrainState(step=rep, trainable=trainable_shardings,
+                      opt_state=opt_state_shardings(state_abstract.opt_state, trainable_shardings, mesh), rng=rep)
+
+
+def init_state(trainable, tx: optax.GradientTransformation, rng: jax.Array, trainable_shardings, mesh):
+    """TrainState placed in its shardings (optimizer moments sharded like their parameters)."""
+    def make(trainable, rng):
+        return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(trainable), rng=rng)
+    abstract = jax.eval_shape(make, trainable, rng)
+    shardings = state_shardings(abstract, trainable_shardings, mesh)
+    return jax.jit(make, out_shardings=shardings)(trainable, rng), shardings
+
+
+def jit_train_step(step_fn, param_shardings, state_sharding, mesh) -> Callable:
+    """jit with explicit in/out shardings; the state is donated (updated in place), the base is not."""
+    batch = sharding.batch_sharding(mesh)
+    rep = sharding.replicated(mesh)
+    return jax.jit(step_fn, in_shardings=(param_shardings, state_sharding, batch),
+                   out_shardings=(state_sharding, rep), donate_argnums=(1,))
+
+
+def jit_eval_step(eval_fn, param_shardings, trainable_shardings, mesh) -> Callable:
+    return jax.jit(eval_fn, in_shardings=(param_shardings, trainable_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=sharding.replicated(mesh))
+
+
+def place_batch(batch: dict, mesh) -> dict:
+    """This process's rows -> global arrays sharded over (data, fsdp)."""
+    shard = sharding.batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(shard, v) for k, v in batch.items()}
+
+
+def trainable_shardings_for(model, targets, lora_config, full_tree) -> dict:
+    from flax import traverse_util
+    flat_sh = traverse_util.flatten_dict(model.param_shardings)
+    full_sh = traverse_util.unflatten_dict({p: flat_sh[p] for p in traverse_util.flatten_dict(full_tree)}) \
+        if full_tree else {}
+    return {"lora": model.lora_shardings(targets, lora_config), "full": full_sh}

@@ -1,0 +1,277 @@
+"""The training loop: `jaxlora.train(config)` and `jaxlora train --config ...`.
+
+Loads the base model straight into its shardings, tokenizes the data (cached), builds the LoRA tree and the
+optimizer, then runs the jitted step (`jaxlora.step`) with a progress bar, JSONL metrics (optionally TensorBoard),
+periodic held-out evaluation and orbax checkpoints. Resuming from the latest checkpoint in output_dir is exact: the
+data order is a pure function of the step, and the RNG and optimizer state are restored.
+
+A non-finite loss stops the run before any checkpoint is written for that step, naming the step and the last good
+checkpoint. Multi-host: every process runs this same loop on its slice of each global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jaxlora import checkpoint as ckpt_lib
+from jaxlora import data as data_lib
+from jaxlora import lora as lora_lib
+from jaxlora import optim, sharding, step as step_lib
+from jaxlora.config import RunConfig
+from jaxlora.metrics import MetricsLogger, measure_peak_flops
+from jaxlora.model import Model, from_pretrained
+
+log = logging.getLogger("jaxlora")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_dir: Path | None
+    steps: int
+    losses: list[float]  # training loss of every step run in this call
+    eval_loss: float | None
+    tokens_per_second: float
+    compiles: int  # distinct compilations of the train step
+
+
+def maybe_initialize_distributed(cfg) -> None:
+    """jax.distributed.initialize for multi-process runs (explicit coordinator, or automatic on TPU pods)."""
+    if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
+        return
+    if cfg.coordinator_address:
+        jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()
+
+
+def load_model(config: RunConfig, mesh) -> Model:
+    m = config.model
+    return from_pretrained(m.path, m.dtype, param_dtype=m.param_dtype, mesh=mesh, remat=m.remat,
+                           attention_impl=m.attention_impl)
+
+
+def load_data(config: RunConfig, tokenizer):
+    train_data = data_lib.load_tokenized(config.data, tokenizer, "train")
+    eval_data = None
+    if config.data.eval_path or config.data.eval_fraction > 0:
+        eval_data = data_lib.load_tokenized(config.data, tokenizer, "eval")
+    return train_data, eval_data
+
+
+def make_loader(config: RunConfig, data, tokenizer, batch_size: int) -> data_lib.BatchLoader:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return data_lib.BatchLoader(data, batch_size, data_lib.bucket_lengths(config.data), pad,
+                                seed=config.train.seed, process_index=jax.process_index(),
+                                process_count=jax.process_count())
+
+
+def build_trainable(model: Model, config: RunConfig, rng):
+    """{"lora": LoRA tree, "full": float32 copies of modules_to_save}, and the resolved targets."""
+    targets = model.lora_targets(config.lora)
+    lora = lora_lib.init_lora(model, config.lora, rng)
+    full = lora_lib.split_modules_to_save(model.params, config.lora.modules_to_save)
+    full = jax.tree.map(lambda x: x.astype(jnp.dtype(config.lora.lora_dtype)), full)
+    return {"lora": lora, "full": full}, targets
+
+
+def evaluate(eval_fn, params, trainable, loader, mesh, max_batches: int | None) -> float:
+    n = loader.steps_per_epoch if max_batches is None else min(max_batches, loader.steps_per_epoch)
+    total, count = 0.0, 0.0
+    for i in range(n):
+        s, c = eval_fn(params, trainable, step_lib.place_batch(loader.batch(i), mesh))
+        total, count = total + float(s), count + float(c)
+    return total / max(count, 1.0)
+
+
+def train(config: RunConfig) -> TrainResult:
+    """Fine-tunes `config.model.path` with LoRA on `config.data`; returns where the outputs went and the losses."""
+    tc = config.train
+    maybe_initialize_distributed(tc)
+    out = Path(tc.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from jaxlora.configfile import dump_config
+    if jax.process_index() == 0:
+        dump_config(config, out / "config.yaml")
+
+    mesh = sharding.make_mesh(config.mesh)
+    t0 = time.perf_counter()
+    model = load_model(config, mesh)
+    tokenizer = model.tokenizer()
+    log.info("loaded %s (%.1fM params) in %.1fs on mesh %s", config.model.path, model.config.num_params / 1e6,
+             time.perf_counter() - t0, dict(mesh.shape))
+
+    train_data, eval_data = load_data(config, tokenizer)
+    if train_data.num_truncated:
+        log.warning("%d training examples were longer than max_length=%d and were truncated",
+                    train_data.num_truncated, config.data.max_length)
+    batch_size = tc.micro_batch_size * tc.grad_accum_steps
+    loader = make_loader(config, train_data, tokenizer, batch_size)
+    total_steps = tc.max_steps or max(1, int(tc.epochs * loader.steps_per_epoch))
+
+    rng = jax.random.PRNGKey(tc.seed)
+    init_rng, state_rng = jax.random.split(rng)
+    if config.lora.init_lora_weights == "lora_ga":
+        raise TrainingError("init_lora_weights='lora_ga' is not available yet in this version")
+    trainable, targets = build_trainable(model, config, init_rng)
+    tx, schedule = optim.make_optimizer(config.optim, total_steps)
+    trainable_sh = step_lib.trainable_shardings_for(model, targets, config.lora, trainable["full"])
+    state, state_sh = step_lib.init_state(trainable, tx, state_rng, trainable_sh, mesh)
+    params = model.params
+    train_step = step_lib.jit_train_step(
+        step_lib.make_train_step(model, tx, schedule, tc.grad_accum_steps), model.param_shardings, state_sh, mesh)
+    eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model), model.param_shardings, trainable_sh, mesh)
+
+    checkpointer = ckpt_lib.Checkpointer(out / "checkpoints", keep=tc.keep_checkpoints)
+    signature = ckpt_lib.state_signature(model.config, state)
+    start = 0
+    if tc.resume and checkpointer.latest_step() is not None:
+        start = checkpointer.latest_step()
+        state, _ = checkpointer.restore(start, state, signature)
+        log.info("resumed from %s at step %d", checkpointer.directory, start)
+
+    n_lora = lora_lib.num_lora_params(trainable["lora"])
+    log.info("training %d steps (%d/epoch) of %d examples x %d tokens max; LoRA params %.2fM (%.3f%% of base), "
+             "%d targets", total_steps, loader.steps_per_epoch, batch_size, config.data.max_length, n_lora / 1e6,
+             100 * n_lora / model.config.num_params, len(targets))
+    peak = (tc.peak_tflops_per_device * 1e12 if tc.peak_tflops_per_device else
+            measure_peak_flops() if jax.default_backend() == "cpu" else None)
+    logger = MetricsLogger(out, total_steps, start, tc.progress_bar, tc.tensorboard,
+                           peak_flops=peak * jax.device_count() if peak else None,
+                           log_every=tc.log_every)
+    meta = {"signature": signature, "config_path": str(out / "config.yaml"), "model": config.model.path}
+
+    losses: list[float] = []
+    pending = None  # metrics of the step in flight: fetched after the next dispatch, so the host never stalls XLA
+    eval_loss = None
+    last_good = start if start else None
+    executables: dict[tuple, tuple] = {}  # batch shape -> (compiled step, its FLOPs): bounded by the buckets
+
+    def finish(step_done: int, metrics, tokens: int, flops):
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+            raise TrainingError(f"loss is {loss} at step {step_done}; stopped. Last good checkpoint: "
+                                + (f"step {last_good} in {checkpointer.directory}" if last_good is not None
+                                   else "none (no checkpoint was saved before this step)"))
+        losses.append(loss)
+        logger.log_step(step_done, {k: float(v) for k, v in metrics.items()}, tokens, flops)
+
+    try:
+        for step in range(start, total_steps):
+            host_batch = loader.batch(step)
+            batch = step_lib.place_batch(host_batch, mesh)
+            shape = host_batch["input_ids"].shape
+            if shape not in executables:
+                compiled = train_step.lower(params, state, batch).compile()
+                executables[shape] = (compiled, _flops(compiled))
+            compiled, flops = executables[shape]
+            state, metrics = compiled(params, state, batch)
+            if pending is not None:
+                finish(*pending)
+            pending = (step + 1, metrics, data_lib.count_tokens(host_batch) * jax.process_count(), flops)
+            done = step + 1
+            is_last = done == total_steps
+            save_now = (tc.save_every and done % tc.save_every == 0) or is_last
+            eval_now = eval_data is not None and ((tc.eval_every and done % tc.eval_every == 0) or is_last)
+            if save_now or eval_now:  # never checkpoint (or evaluate) a step whose loss is unchecked
+                finish(*pending)
+                pending = None
+            if eval_now:
+                eval_loader = make_loader(config, eval_data, tokenizer, tc.micro_batch_size)
+                eval_loss = evaluate(eval_step, params, state.trainable, eval_loader, mesh, tc.eval_batches)
+                logger.log_eval(done, eval_loss)
+            if save_now:
+                checkpointer.save(done, state, {**meta, "step": done})
+                last_good = done
+        if pending is not None:
+            finish(*pending)
+    finally:
+        checkpointer.close()
+        logger.close()
+
+    adapter_dir = None
+    if config.lora.init_lora_weights != "lora_ga":
+        from jaxlora.peft_format import export_peft
+        adapter_dir = export_peft(model, state.trainable["lora"], config.lora, out / "adapter",
+                                  modules_to_save=state.trainable["full"], overwrite=True)
+    compiles = len(executables)
+    log.info("done: %d steps, final loss %.4f%s; adapter in %s; %d train-step compilations",
+             total_steps, losses[-1] if losses else float("nan"),
+             f", eval loss {eval_loss:.4f}" if eval_loss is not None else "", adapter_dir, compiles)
+    return TrainResult(out, adapter_dir, total_steps, losses, eval_loss, logger.tokens_per_second(), compiles)
+
+
+def _flops(compiled) -> float | None:
+    """FLOPs of one compiled step (XLA cost analysis), for MFU; None where the backend does not report them."""
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost.get("flops", 0.0)) or None
+    except Exception:  # cost analysis is best effort and backend specific
+        return None
+
+
+def loss_history(output_dir: str | Path) -> list[dict]:
+    """The metrics.jsonl of a run, parsed."""
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+
+def restore_trainable(config: RunConfig, model: Model, step: int | None = None):
+    """The trainable tree ({"lora", "full"}) of a run's checkpoint (latest by default), in its shardings."""
+    trainable, targets = build_trainable(model, config, jax.random.PRNGKey(config.train.seed))
+    tx, _ = optim.make_optimizer(config.optim, 1)
+    trainable_sh = step_lib.trainable_shardings_for(model, targets, config.lora, trainable["full"])
+    template, _ = step_lib.init_state(trainable, tx, jax.random.PRNGKey(0), trainable_sh, model.mesh)
+    checkpointer = ckpt_lib.Checkpointer(Path(config.train.output_dir) / "checkpoints")
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise ckpt_lib.ResumeError(f"no checkpoint in {checkpointer.directory}")
+        state, _ = checkpointer.restore(step, template, ckpt_lib.state_signature(model.config, template))
+    finally:
+        checkpointer.close()
+    return state.trainable, step
+
+
+def evaluate_run(config: RunConfig, step: int | None = None, base_only: bool = False) -> dict:
+    """Held-out loss and perplexity of a run's checkpoint (or of the base model with base_only)."""
+    mesh = sharding.make_mesh(config.mesh)
+    model = load_model(config, mesh)
+    tokenizer = model.tokenizer()
+    _, eval_data = load_data(config, tokenizer)
+    if eval_data is None:
+        raise TrainingError("no held-out data: set data.eval_path or data.eval_fraction")
+    if base_only:
+        trainable, step = {"lora": {}, "full": {}}, 0
+    else:
+        trainable, step = restore_trainable(config, model, step)
+    eval_fn = jax.jit(step_lib.make_eval_step(model))
+    loader = make_loader(config, eval_data, tokenizer, config.train.micro_batch_size)
+    loss = evaluate(eval_fn, model.params, trainable, loader, mesh, config.train.eval_batches)
+    return {"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
+            "examples": loader.steps_per_epoch * config.train.micro_batch_size}
+
+
+def export_merged(config: RunConfig, out_dir: str | Path, step: int | None = None, overwrite: bool = False) -> Path:
+    """Writes base + s*a@b (and modules_to_save) as HF safetensors that AutoModelForCausalLM loads."""
+    mesh = sharding.make_mesh(config.mesh)
+    model = load_model(config, mesh)
+    trainable, _ = restore_trainable(config, model, step)
+    params = lora_lib.merge(lora_lib.overlay(model.params, trainable["full"]), trainable["lora"])
+    params = jax.tree.map(lambda new, old: new.astype(old.dtype), params, model.params)
+    return model.save_pretrained(out_dir, params, overwrite=overwrite)
