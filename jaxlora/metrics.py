@@ -34,7 +34,7 @@ class MetricsLogger:
     def __init__(self, output_dir: Path, total_steps: int, start_step: int, progress_bar: bool = True,
                  tensorboard: bool = False, peak_flops: float | None = None, log_every: int = 1):
         self.main = jax.process_index() == 0
-        self.peak_flops, self.log_every = peak_flops, log_every
+        self.peak_flops, self.log_every, self.total_steps = peak_flops, log_every, total_steps
         self._file = open(Path(output_dir) / "metrics.jsonl", "a") if self.main else None
         self._bar = None
         if self.main and progress_bar:
@@ -63,7 +63,7 @@ class MetricsLogger:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics.get('learning_rate', 0):.2e}",
                                   tok_s=f"{record.get('tokens_per_second', 0):.0f}", refresh=False)
-        if step % self.log_every == 0:
+        if step % self.log_every == 0 or step == self.total_steps:
             self._write(record)
 
     def log_eval(self, step: int, loss: float) -> None:

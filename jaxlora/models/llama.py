@@ -77,7 +77,10 @@ class LlamaConfig:
         heads = hf["num_attention_heads"]
         is_qwen = arch == "Qwen2ForCausalLM"
         window = hf.get("sliding_window")
-        if is_qwen and not hf.get("use_sliding_window", False):
+        if is_qwen:  # Qwen2 windows only layers >= max_window_layers; a per-layer window is not implemented
+            if hf.get("use_sliding_window", False):
+                raise ValueError(f"{where}: Qwen2 use_sliding_window=true (windowed attention in some layers "
+                                 f"only) is not supported; set it to false for full attention in every layer")
             window = None
         return cls(
             vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
@@ -179,13 +182,17 @@ class LoraDense(nn.Module):
         return y
 
 
-class Attention(nn.Module):
+class LayerPart(nn.Module):
+    """Fields shared by the parts of a decoder layer."""
+
     cfg: LlamaConfig
     dtype: Any
     param_dtype: Any
     deterministic: bool
-    attention_impl: str | None
+    attention_impl: str | None = None
 
+
+class Attention(LayerPart):
     @nn.compact
     def __call__(self, x_BxTxD, cos, sin, mask_Bx1xTxT, lora):
         c, lora = self.cfg, lora or {}
@@ -204,12 +211,7 @@ class Attention(nn.Module):
         return proj(c.hidden_size, ("heads", "embed"), c.o_bias, "o_proj", out.reshape(b, t, n * h))
 
 
-class MLP(nn.Module):
-    cfg: LlamaConfig
-    dtype: Any
-    param_dtype: Any
-    deterministic: bool
-
+class MLP(LayerPart):
     @nn.compact
     def __call__(self, x_BxTxD, lora):
         c, lora = self.cfg, lora or {}
@@ -220,14 +222,8 @@ class MLP(nn.Module):
         return dense(c.hidden_size, ("mlp", "embed"), "down_proj", nn.silu(gate) * up)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(LayerPart):
     """One pre-norm decoder layer; scanned over the stacked layer axis (carry = hidden states)."""
-
-    cfg: LlamaConfig
-    dtype: Any
-    param_dtype: Any
-    deterministic: bool
-    attention_impl: str | None
 
     @nn.compact
     def __call__(self, x_BxTxD, lora, cos, sin, mask):
