@@ -2,7 +2,9 @@
 
     jaxlora train  --config configs/smollm2_135m_cpu.yaml [--set optim.learning_rate=1e-4 ...]
     jaxlora eval   --config configs/smollm2_135m_cpu.yaml [--step N | --base]
-    jaxlora export --config configs/smollm2_135m_cpu.yaml --out merged/ [--step N]
+    jaxlora export --config configs/smollm2_135m_cpu.yaml --out merged/ [--step N] [--format merged|peft]
+    jaxlora import-peft --model DIR --adapter DIR          (validates a PEFT adapter against a model, prints a summary)
+    jaxlora generate --model DIR [--adapter DIR] --prompt "..." [--prompt ...] [--max-new-tokens N] [--chat]
 
 Errors a user can cause (bad config, data, model folder, checkpoint) end in one line on stderr and exit code 2.
 """
@@ -10,6 +12,7 @@ Errors a user can cause (bad config, data, model folder, checkpoint) end in one 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -32,16 +35,87 @@ def _parser() -> argparse.ArgumentParser:
         if name == "export":
             c.add_argument("--out", required=True, help="output folder (written atomically)")
             c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+            c.add_argument("--format", choices=("merged", "peft"), default="merged",
+                           help="merged: HF safetensors with the adapter folded in; peft: a PEFT adapter folder "
+                                "for the original base (LoRA-GA adapters converted)")
+    c = sub.add_parser("import-peft", help="check a PEFT adapter against a model and print its summary")
+    c.add_argument("--model", required=True, help="HF model folder (or hub id) of the adapter's base")
+    c.add_argument("--adapter", required=True, help="PEFT adapter folder")
+    c.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    c = sub.add_parser("generate", help="generate text with a model (and a PEFT adapter)")
+    c.add_argument("--model", required=True, help="HF model folder (or hub id)")
+    c.add_argument("--adapter", default=None, help="PEFT adapter folder (e.g. a run's adapter/)")
+    c.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable: generated as a batch)")
+    c.add_argument("--max-new-tokens", type=int, default=64)
+    c.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    c.add_argument("--top-k", type=int, default=0, help="0: no limit")
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--chat", action="store_true", help="wrap each prompt with the tokenizer's chat template")
+    c.add_argument("--dtype", default="float32", help="compute dtype, e.g. bfloat16")
+    c.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
+
+
+def _train_lib():
+    """The training-loop module (jaxlora.trainer; jaxlora.train before the rename)."""
+    try:
+        return importlib.import_module("jaxlora.trainer")
+    except ModuleNotFoundError:
+        return importlib.import_module("jaxlora.train")
+
+
+def _load_adapter(model, adapter_dir):
+    """(lora, lora_config, params with the adapter's modules_to_save swapped in)."""
+    from jaxlora import lora as lora_lib
+    from jaxlora.peft_format import import_peft
+    lora, cfg, full = import_peft(model, adapter_dir, modules_to_save=True)
+    return lora, cfg, lora_lib.overlay(model.params, full)
+
+
+def _import_peft(args) -> None:
+    from jaxlora.model import from_pretrained
+    from jaxlora.peft_format import describe, import_peft
+    model = from_pretrained(args.model)
+    lora, cfg, full = import_peft(model, args.adapter, modules_to_save=True)
+    print(json.dumps(describe(model, lora, cfg, full), indent=2))
+
+
+def _generate(args) -> None:
+    from jaxlora.generate import generate
+    from jaxlora.model import from_pretrained
+    model = from_pretrained(args.model, args.dtype)
+    lora, params = None, model.params
+    if args.adapter:
+        lora, _, params = _load_adapter(model, args.adapter)
+    texts = generate(model, params, model.tokenizer(), args.prompt, lora=lora, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                     chat=args.chat)
+    for prompt, text in zip(args.prompt, texts):
+        print(json.dumps({"prompt": prompt, "completion": text}))
+
+
+def export_peft_run(config, out_dir, step=None, overwrite: bool = False):
+    """A run's checkpoint as a PEFT adapter folder for the original base model."""
+    from jaxlora import sharding
+    from jaxlora.peft_format import export_peft
+    train_lib = _train_lib()
+    model = train_lib.load_model(config, sharding.make_mesh(config.mesh))
+    trainable, _ = train_lib.restore_trainable(config, model, step)
+    return export_peft(model, trainable["lora"], config.lora, out_dir, modules_to_save=trainable["full"],
+                       overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file operation at INFO
-    from jaxlora import train as train_lib
-    from jaxlora.config import load_run_config
     try:
+        if args.command in ("import-peft", "generate"):
+            (_import_peft if args.command == "import-peft" else _generate)(args)
+            return 0
+        train_lib = _train_lib()
+        from jaxlora.config import load_run_config
         config = load_run_config(args.config, args.overrides)
         if args.command == "train":
             result = train_lib.train(config)
@@ -49,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"metrics: {result.output_dir / 'metrics.jsonl'}")
         elif args.command == "eval":
             print(json.dumps(train_lib.evaluate_run(config, args.step, args.base)))
+        elif args.format == "peft":
+            print(f"PEFT adapter: {export_peft_run(config, args.out, args.step, args.overwrite)}")
         else:
             print(f"merged model: {train_lib.export_merged(config, args.out, args.step, args.overwrite)}")
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # our error types all derive from these

@@ -619,6 +619,7 @@ class BatchLoader:
         seed: int = 0,
         process_index: int = 0,
         process_count: int = 1,
+        shuffle: bool = True,
     ) -> None:
         """Creates the loader.
 
@@ -630,6 +631,8 @@ class BatchLoader:
             seed: shuffling seed.
             process_index: this process (e.g. ``jax.process_index()``).
             process_count: number of processes (e.g. ``jax.process_count()``).
+            shuffle: False keeps the data's order in every epoch (LoRA-GA's gradient estimation takes the first
+                examples, as the official code does).
 
         Raises:
             DataError: inconsistent sizes, or too few examples for one batch.
@@ -667,13 +670,15 @@ class BatchLoader:
             raise DataError(
                 f"{data.source or 'data'}: a sequence of length {longest} exceeds the largest bucket {buckets[-1]}"
             )
+        self.shuffle = shuffle
         self._perm_epoch: int | None = None
         self._perm: np.ndarray | None = None
 
     def _permutation(self, epoch: int) -> np.ndarray:
         """This epoch's example order (memoized; a pure function of seed and epoch)."""
         if self._perm_epoch != epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
+            n = len(self.data)
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
             self._perm_epoch = epoch
         return self._perm
 

@@ -10,6 +10,7 @@ mesh directly. `save_pretrained` writes HF safetensors + config.json that transf
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from jax.sharding import Mesh
 
 from jaxlora import hf_checkpoint, lora as lora_lib, sharding
 from jaxlora.hf_checkpoint import CheckpointError, NameRule, NameTable
-from jaxlora.models import llama
+from jaxlora.models import bloom, gpt2, llama
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,11 @@ LLAMA_NAMES = NameTable(rules=(
 
 # HF architecture -> (config class, module class, name table). One line per family.
 FAMILIES = {arch: (llama.LlamaConfig, llama.LlamaForCausalLM, LLAMA_NAMES) for arch in llama.SUPPORTED_ARCHITECTURES}
+FAMILIES["BloomForCausalLM"] = (bloom.BloomConfig, bloom.BloomForCausalLM, bloom.NAMES)
+FAMILIES["GPT2LMHeadModel"] = (gpt2.GPT2Config, gpt2.GPT2LMHeadModel, gpt2.NAMES)
+# A config.json without "architectures" names its causal LM by model_type.
+_ARCH_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                       "bloom": "BloomForCausalLM", "gpt2": "GPT2LMHeadModel"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
 
@@ -78,8 +84,7 @@ class Model:
     @classmethod
     def _build(cls, hf_config: dict, dtype, param_dtype, mesh, where: str = "config.json", remat: str = "none",
                attention_impl: str | None = None, rules=sharding.DEFAULT_RULES) -> "Model":
-        archs = hf_config.get("architectures") or []
-        config_cls, module_cls, names = FAMILIES.get(archs[0] if archs else "", FAMILIES["LlamaForCausalLM"])
+        config_cls, module_cls, names = FAMILIES[architecture_of(hf_config, where)]
         config = config_cls.from_hf_dict(hf_config, where)
         module = module_cls(config, dtype=_dtype(dtype), param_dtype=_dtype(param_dtype or dtype), remat=remat,
                             attention_impl=attention_impl)
@@ -93,6 +98,23 @@ class Model:
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
         return self.module.apply({"params": params}, input_ids, attention_mask, positions, lora,
                                  deterministic=deterministic, rngs=rngs)
+
+    def apply_cached(self, params, input_ids, cache_mask, positions, cache, cache_index, lora=None):
+        """One prefill or decode step with a KV cache: (logits (B, T, vocab), updated cache).
+
+        `input_ids`/`positions` (B, T) go to cache slots cache_index..cache_index+T-1; `cache_mask` (B, S) marks the
+        slots that hold (or will hold) real tokens. See `init_cache` and `jaxlora.generate`.
+        """
+        return self.module.apply({"params": params}, input_ids, cache_mask, positions, lora,
+                                 cache=cache, cache_index=cache_index)
+
+    def init_cache(self, batch: int, length: int):
+        """A zeroed KV cache for `batch` rows of `length` slots, in the compute dtype, and its logical axes."""
+        family = importlib.import_module(type(self.module).__module__)
+        if not hasattr(family, "init_cache"):
+            raise NotImplementedError(f"{self.config.architecture}: generation with a KV cache is not implemented")
+        cache = family.init_cache(self.config, batch, length, self.module.dtype)
+        return cache, jax.tree.map(lambda _: family.CACHE_AXES, cache)
 
     def lora_targets(self, lora_config) -> list[lora_lib.Target]:
         return lora_lib.resolve_targets(self.abstract_params, lora_config, self.config.num_hidden_layers,
@@ -150,6 +172,16 @@ class Model:
                     shutil.copy(Path(self.source) / name, tmp / name)
 
         return hf_checkpoint.atomic_folder(out_dir, write, overwrite)
+
+
+def architecture_of(hf_config: dict, where: str = "config.json") -> str:
+    """The HF architecture a config.json names, if jaxlora has it (else an error listing the supported ones)."""
+    archs = hf_config.get("architectures") or []
+    arch = archs[0] if archs else _ARCH_OF_MODEL_TYPE.get(hf_config.get("model_type", ""), "")
+    if arch not in FAMILIES:
+        raise ValueError(f"{where}: unsupported architecture {arch or hf_config.get('model_type')!r}; "
+                         f"supported: {', '.join(FAMILIES)}")
+    return arch
 
 
 def resolve_folder(path: str | os.PathLike) -> Path:

@@ -6,6 +6,7 @@ it has no optimizer state by construction. Each leaf gets a label and `optax.mul
     lora a -> "lora_a": AdamW(lr)
     lora b -> "lora_b": AdamW(lr * loraplus_lr_ratio)        (LoRA+, arXiv 2402.12354; ratio 1 = plain LoRA)
     full   -> "full":   AdamW(modules_to_save_lr or lr)
+    a0, b0 -> "frozen": no update, no state               (LoRA-GA's initial factors, kept for export)
 
 wrapped in global-norm gradient clipping. Schedules: linear warmup, then cosine, linear or constant.
 """
@@ -62,11 +63,12 @@ def make_schedule(cfg: OptimConfig, total_steps: int, peak: float) -> optax.Sche
 
 
 def param_labels(trainable) -> dict:
-    """'lora_a' / 'lora_b' / 'full' for every leaf of the trainable tree."""
+    """'lora_a' / 'lora_b' / 'full' / 'frozen' (LoRA-GA's a0, b0) for every leaf of the trainable tree."""
     def label(path, _):
         if path[0].key == "full":
             return "full"
-        return "lora_b" if getattr(path[-1], "name", None) == "b" else "lora_a"
+        name = getattr(path[-1], "name", None)
+        return {"b": "lora_b", "a0": "frozen", "b0": "frozen"}.get(name, "lora_a")
     return jax.tree_util.tree_map_with_path(label, trainable)
 
 
@@ -77,7 +79,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTr
                            weight_decay=cfg.weight_decay)
     lr = cfg.learning_rate
     groups = {"lora_a": adamw(lr), "lora_b": adamw(lr * cfg.loraplus_lr_ratio),
-              "full": adamw(cfg.modules_to_save_lr or lr)}
+              "full": adamw(cfg.modules_to_save_lr or lr), "frozen": optax.set_to_zero()}
     tx = optax.multi_transform(groups, param_labels)
     if cfg.max_grad_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), tx)

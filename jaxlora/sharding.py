@@ -100,11 +100,20 @@ def tree_shardings(axes_tree, shape_tree, mesh: Mesh, rules=DEFAULT_RULES):
                         is_leaf=lambda n: isinstance(n, tuple))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:
-    """Batch arrays (B, T, ...): the batch dim over (data, fsdp), the rest replicated."""
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES, batch_size: int | None = None) -> NamedSharding:
+    """Batch arrays (B, T, ...): the batch dim over (data, fsdp), the rest replicated. With `batch_size`, a batch the
+    mesh does not divide (e.g. LoRA-GA's 2 examples on 8 devices) is replicated instead."""
+    if batch_size is not None:
+        return named_sharding(("batch",) + (None,) * (ndim - 1), (batch_size,) + (1,) * (ndim - 1), mesh, rules)
     axes = dict(rules)["batch"]
     axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if mesh.shape[a] > 1)
     return NamedSharding(mesh, P(axes or None, *([None] * (ndim - 1))))
+
+
+def batch_divisor(mesh: Mesh, rules=DEFAULT_RULES) -> int:
+    """How many ways the batch dim is split (data x fsdp): a training micro-batch must be a multiple."""
+    axes = dict(rules)["batch"]
+    return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

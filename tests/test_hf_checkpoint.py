@@ -181,11 +181,11 @@ def test_folder_without_config(broken):
 
 
 def test_unsupported_architecture(tmp_path):
-    transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, architectures=["GPT2LMHeadModel"]).save_pretrained(
-        tmp_path)
-    with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'") as e:
+    transformers.GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               architectures=["GPTNeoXForCausalLM"]).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="unsupported architecture 'GPTNeoXForCausalLM'") as e:
         jaxlora.from_pretrained(tmp_path)
-    for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"):
+    for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "BloomForCausalLM", "GPT2LMHeadModel"):
         assert arch in str(e.value)
 
 

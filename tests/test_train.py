@@ -5,7 +5,7 @@ adapter's loss is the base model's; the loss is a hand-computed masked next-toke
 accumulation equals one big batch; sharded equals unsharded; LoRA costs fewer FLOPs and has adapter-sized optimizer
 state; LoRA+ and modules_to_save reach the right parameters with the right learning rates.
 
-Loop level (jaxlora.train.train on a tiny real HF model): one compilation per bucket length; resume is exact;
+Loop level (jaxlora.trainer.train on a tiny real HF model): one compilation per bucket length; resume is exact;
 checkpoints are adapter-sized and rotated; a NaN stops the run before it is checkpointed; resuming another LoRA
 shape or model is a clear ResumeError; over-long examples are truncated and counted.
 """
@@ -31,7 +31,7 @@ from jaxlora import checkpoint as ckpt_lib
 from jaxlora import data as data_lib
 from jaxlora import optim, sharding
 from jaxlora import step as step_lib
-from jaxlora import train as train_lib
+from jaxlora import trainer as train_lib
 from jaxlora.config import RunConfig, load_run_config
 from jaxlora.lora import LoraConfig
 from jaxlora.model import from_pretrained
@@ -76,7 +76,7 @@ def make_step(model, lora=LoraConfig(), optim_cfg=OptimConfig(learning_rate=LR, 
               accum: int = 1, tx=None, seed: int = 0):
     """(initial state, jitted train step) exactly as `train()` builds them; `tx` overrides the optimizer."""
     run = RunConfig(lora=lora, optim=optim_cfg)
-    trainable, targets = train_lib.build_trainable(model, run, jax.random.PRNGKey(seed))
+    trainable, targets, _ = train_lib.build_trainable(model, run, jax.random.PRNGKey(seed))
     default_tx, schedule = optim.make_optimizer(optim_cfg, 10)
     tx = tx or default_tx
     shardings = step_lib.trainable_shardings_for(model, targets, lora, trainable["full"])
@@ -201,7 +201,7 @@ def test_sharded_equals_unsharded(assets, model, batches):
     ref_losses, ref_lora = runs["1 device"]
     for name, (losses, lora_tree) in runs.items():
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=name)
-        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=name),
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5, err_msg=name),
                      lora_tree, ref_lora)
 
 
@@ -328,6 +328,7 @@ def test_compiles_once_per_bucket_and_truncates(assets, tmp_path, caplog):
     loader = train_lib.make_loader(cfg, data_lib.load_tokenized(cfg.data, tokenizer), tokenizer, 8)
     lengths = {loader.batch(s)["input_ids"].shape[1] for s in range(6)}
     assert n_long >= 3 and len(lengths) >= 2, (n_long, lengths)  # the test data must exercise both features
+    assert lengths <= {16, 24, 32}  # every batch is padded to a bucket
 
     with caplog.at_level(logging.WARNING, logger="jaxlora"), count_compiles("train_step") as compiles:
         result = train_lib.train(cfg)
@@ -374,12 +375,14 @@ def test_checkpoints_are_adapter_sized_and_rotated(model, resume_runs):
     ckpt_bytes = sum(f.stat().st_size for f in (out / "checkpoints" / "12").rglob("*") if f.is_file())
 
     lora = LoraConfig(lora_dropout=0.1)
-    trainable, _ = train_lib.build_trainable(model, RunConfig(lora=lora), jax.random.PRNGKey(0))
+    trainable, _, _ = train_lib.build_trainable(model, RunConfig(lora=lora), jax.random.PRNGKey(0))
     tx, _ = optim.make_optimizer(OptimConfig(), 12)
     state_bytes = nbytes(trainable) + nbytes(jax.eval_shape(tx.init, trainable))
     base_bytes = nbytes(model.params)
-    # orbax may keep the data twice (per-process OCDBT files and the merged root) plus metadata.
-    assert ckpt_bytes < 3 * state_bytes + 256 * 1024, (ckpt_bytes, state_bytes)
+    # The overhead is orbax's metadata (~50 KB here) plus its OCDBT B-tree nodes: replicated arrays are saved in
+    # per-replica slices, and slices under 1 KiB (only in tiny models like this one) are inlined into nodes that are
+    # rewritten per commit and copied on merge. Saving the base, or the state twice, breaks this bound.
+    assert ckpt_bytes < 3 * state_bytes + 128 * 1024, (ckpt_bytes, state_bytes)
     assert ckpt_bytes < base_bytes / 4, (ckpt_bytes, base_bytes)
 
 
@@ -387,11 +390,11 @@ def test_nan_loss_stops_before_checkpointing(assets, tmp_path, monkeypatch):
     real = step_lib.make_train_step
 
     def diverging(model, tx, schedule, accum):
-        """The real step, whose state turns NaN when it enters step 5 (state.step == 4)."""
+        """The real step, whose state turns NaN when it enters step 6 (state.step == 5), a checkpoint step."""
         step = real(model, tx, schedule, accum)
 
         def train_step(params, state, batch):
-            bad = state.step == 4
+            bad = state.step == 5
             poisoned = jax.tree.map(lambda x: jnp.where(bad, jnp.nan, x), state.trainable)
             return step(params, state.replace(trainable=poisoned), batch)
         return train_step
@@ -401,21 +404,22 @@ def test_nan_loss_stops_before_checkpointing(assets, tmp_path, monkeypatch):
     with pytest.raises(train_lib.TrainingError) as err:
         train_lib.train(run_config(assets, out, "train.max_steps=8", "train.save_every=2"))
     message = str(err.value)
-    assert re.search(r"loss is nan at step 5\b", message), message
+    assert re.search(r"loss is nan at step 6\b", message), message
     assert f"Last good checkpoint: step 4 in {out / 'checkpoints'}" in message, message
-    assert step_dirs(out) == [2, 4]  # nothing for step 5 or after (step 6 was already running)
+    assert step_dirs(out) == [2, 4]  # nothing for step 6 (checked before its save) or after (7 was dispatched)
     assert not (out / "adapter").exists()
 
 
 def test_resume_rejects_other_lora_shape_or_model(assets, resume_runs, tmp_path):
     src = resume_runs["dir"] / "a" / "checkpoints"
     shutil.copytree(src, tmp_path / "rank" / "checkpoints")
-    with pytest.raises(ckpt_lib.ResumeError, match=r"another LoRA shape: .*q_proj.*\[2, 64, 8\].* there, \[\[2, 64, 4\]"):
+    shape_change = r"another LoRA shape: .*q_proj.*\[2, 64, 8\].* there, \[\[2, 64, 4\]"
+    with pytest.raises(ckpt_lib.ResumeError, match=shape_change):
         train_lib.train(run_config(assets, tmp_path / "rank", *RESUME, "train.max_steps=12", "lora.r=4"))
 
     tiny.tiny_model_dir(tmp_path / "narrow", vocab_size=VOCAB, hidden_size=32)
     shutil.copytree(src, tmp_path / "model" / "checkpoints")
-    with pytest.raises(ckpt_lib.ResumeError, match=r"another model: \w+ is \d+ there, \d+ now"):
+    with pytest.raises(ckpt_lib.ResumeError, match="another model: hidden_size is 64 there, 32 now"):
         train_lib.train(run_config(assets, tmp_path / "model", *RESUME, "train.max_steps=12",
                                    f"model.path={tmp_path / 'narrow'}"))
     assert step_dirs(tmp_path / "model") == [8, 12]

@@ -14,6 +14,10 @@ mesh axes. LoRA is not a variable of this module: the LoRA tree is an *argument*
 each `LoraDense` (and sliced per layer by the scan), so adapters are differentiated as plain function inputs and the
 frozen kernel never receives a weight gradient. The forward adds `s * dropout(x) @ a @ b` and never forms
 `W + s*a@b`.
+
+Generation passes a KV cache (`init_cache`: (layers, B, S, kv_heads, head_dim) keys and values, scanned with the
+layers): the new tokens' keys/values are written at slot `cache_index` and attention runs over all S slots under a
+(B, S) slot mask. With `cache=None` (training, evaluation) the forward is exactly the one above.
 """
 
 from __future__ import annotations
@@ -194,7 +198,7 @@ class LayerPart(nn.Module):
 
 class Attention(LayerPart):
     @nn.compact
-    def __call__(self, x_BxTxD, cos, sin, mask_Bx1xTxT, lora):
+    def __call__(self, x_BxTxD, cos, sin, mask_Bx1xTxT, lora, cache=None, cache_index=None):
         c, lora = self.cfg, lora or {}
         n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         b, t, _ = x_BxTxD.shape
@@ -207,8 +211,14 @@ class Attention(LayerPart):
         kk = proj(k * h, ("embed", "kv_heads"), c.qkv_bias, "k_proj", x_BxTxD).reshape(b, t, k, h)
         v = proj(k * h, ("embed", "kv_heads"), c.qkv_bias, "v_proj", x_BxTxD).reshape(b, t, k, h)
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
-        out = jax.nn.dot_product_attention(q, kk, v, mask=mask_Bx1xTxT, implementation=self.attention_impl)
-        return proj(c.hidden_size, ("heads", "embed"), c.o_bias, "o_proj", out.reshape(b, t, n * h))
+        if cache is None:
+            out = jax.nn.dot_product_attention(q, kk, v, mask=mask_Bx1xTxT, implementation=self.attention_impl)
+        else:  # decoding: write this step's keys/values at slot cache_index, attend over every slot (masked)
+            kk, v = _cache_write(cache, kk, v, cache_index)
+            cache = {"k": kk, "v": v}
+            out = jax.nn.dot_product_attention(q, kk, v, mask=mask_Bx1xTxT, implementation="xla")
+        out = proj(c.hidden_size, ("heads", "embed"), c.o_bias, "o_proj", out.reshape(b, t, n * h))
+        return out if cache is None else (out, cache)
 
 
 class MLP(LayerPart):
@@ -226,13 +236,16 @@ class DecoderLayer(LayerPart):
     """One pre-norm decoder layer; scanned over the stacked layer axis (carry = hidden states)."""
 
     @nn.compact
-    def __call__(self, x_BxTxD, lora, cos, sin, mask):
+    def __call__(self, x_BxTxD, lora, cos, sin, mask, cache=None, cache_index=None):
         c, lora = self.cfg, lora or {}
         norm = lambda name: RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name=name)
         attn = Attention(c, self.dtype, self.param_dtype, self.deterministic, self.attention_impl, name="self_attn")
-        h = x_BxTxD + attn(norm("input_layernorm")(x_BxTxD), cos, sin, mask, lora.get("self_attn"))
+        attn_out = attn(norm("input_layernorm")(x_BxTxD), cos, sin, mask, lora.get("self_attn"), cache, cache_index)
+        if cache is not None:
+            attn_out, cache = attn_out
+        h = x_BxTxD + attn_out
         mlp = MLP(c, self.dtype, self.param_dtype, self.deterministic, name="mlp")
-        return h + mlp(norm("post_attention_layernorm")(h), lora.get("mlp")), None
+        return h + mlp(norm("post_attention_layernorm")(h), lora.get("mlp")), cache
 
 
 def _remat_policy(name: str):
@@ -251,7 +264,7 @@ class LlamaModel(nn.Module):
     attention_impl: str | None
 
     @nn.compact
-    def __call__(self, input_ids_BxT, attention_mask_BxT, positions_BxT, lora):
+    def __call__(self, input_ids_BxT, attention_mask_BxT, positions_BxT, lora, cache=None, cache_index=None):
         c, lora = self.cfg, lora or {}
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                          embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
@@ -259,16 +272,19 @@ class LlamaModel(nn.Module):
                          name="embed_tokens")
         x = embed(input_ids_BxT)
         cos, sin = rope_cos_sin(positions_BxT, c)
-        mask = causal_padding_mask(attention_mask_BxT, c.sliding_window)
+        if cache is None:
+            mask = causal_padding_mask(attention_mask_BxT, c.sliding_window)
+        else:  # attention_mask covers the cache slots (B, S); the T new tokens sit at slots cache_index..
+            mask = cached_causal_mask(attention_mask_BxT, input_ids_BxT.shape[1], cache_index, c.sliding_window)
         layer_cls = DecoderLayer
         if self.remat != "none":
             layer_cls = nn.remat(DecoderLayer, policy=_remat_policy(self.remat), prevent_cse=False)
         layers = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
-                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = layers(c, self.dtype, self.param_dtype, self.deterministic, self.attention_impl,
-                      name="layers")(x, lora.get("layers"), cos, sin, mask)
-        return RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x), embed
+                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                         length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        x, cache = layers(c, self.dtype, self.param_dtype, self.deterministic, self.attention_impl,
+                          name="layers")(x, lora.get("layers"), cos, sin, mask, cache, cache_index)
+        return RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x), embed, cache
 
 
 def causal_padding_mask(attention_mask_BxT: jax.Array, sliding_window: int | None) -> jax.Array:
@@ -279,6 +295,35 @@ def causal_padding_mask(attention_mask_BxT: jax.Array, sliding_window: int | Non
     if sliding_window is not None:
         allowed_TxT &= (i - j) < sliding_window
     return allowed_TxT[None, None] & attention_mask_BxT.astype(bool)[:, None, None, :]
+
+
+def cached_causal_mask(cache_mask_BxS: jax.Array, t: int, cache_index, sliding_window: int | None) -> jax.Array:
+    """(B, 1, T, S) boolean for T new tokens at cache slots cache_index..cache_index+T-1: each sees the filled,
+    non-padding slots up to its own (and within the window). Slots are contiguous per row, so slot distance is
+    position distance for every real token."""
+    s = cache_mask_BxS.shape[1]
+    i, j = cache_index + jnp.arange(t)[:, None], jnp.arange(s)[None, :]
+    allowed_TxS = j <= i
+    if sliding_window is not None:
+        allowed_TxS &= (i - j) < sliding_window
+    return allowed_TxS[None, None] & cache_mask_BxS.astype(bool)[:, None, None, :]
+
+
+def _cache_write(cache, k_BxTxKxH, v_BxTxKxH, cache_index):
+    """The layer's cache (B, S, K, H) with T new keys/values written from slot cache_index."""
+    start = (0, cache_index, 0, 0)
+    k = jax.lax.dynamic_update_slice(cache["k"], k_BxTxKxH.astype(cache["k"].dtype), start)
+    v = jax.lax.dynamic_update_slice(cache["v"], v_BxTxKxH.astype(cache["v"].dtype), start)
+    return k, v
+
+
+def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype) -> dict:
+    """Zeroed KV cache {"k", "v"}: (layers, B, S, kv_heads, head_dim) each, and its logical axes."""
+    shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+CACHE_AXES = ("layers", "batch", "seq", "kv_heads", None)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -292,7 +337,12 @@ class LlamaForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None, lora=None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, cache=None, cache_index=None):
+        """Logits (B, T, vocab); with a KV `cache` (see `init_cache`), (logits, updated cache).
+
+        Decoding: the T tokens go to cache slots cache_index.., `attention_mask_BxT` is then (B, S) over all slots
+        (1 = a real token is or will be there) and `positions_BxT` (B, T) must be given.
+        """
         lora = lora or {}
         if attention_mask_BxT is None:
             attention_mask_BxT = jnp.ones(input_ids_BxT.shape, jnp.int32)
@@ -300,8 +350,11 @@ class LlamaForCausalLM(nn.Module):
             positions_BxT = jnp.broadcast_to(jnp.arange(input_ids_BxT.shape[1]), input_ids_BxT.shape)
         model = LlamaModel(self.cfg, self.dtype, self.param_dtype, self.remat, deterministic,
                            self.attention_impl, name="model")
-        x_BxTxD, embed = model(input_ids_BxT, attention_mask_BxT, positions_BxT, lora.get("model"))
+        x_BxTxD, embed, cache = model(input_ids_BxT, attention_mask_BxT, positions_BxT, lora.get("model"),
+                                      cache, cache_index)
         if self.cfg.tie_word_embeddings:
-            return embed.attend(x_BxTxD)
-        return LoraDense(self.cfg.vocab_size, ("embed", "vocab"), False, self.dtype, self.param_dtype,
-                         deterministic, name="lm_head")(x_BxTxD, lora.get("lm_head"))
+            logits = embed.attend(x_BxTxD)
+        else:
+            logits = LoraDense(self.cfg.vocab_size, ("embed", "vocab"), False, self.dtype, self.param_dtype,
+                               deterministic, name="lm_head")(x_BxTxD, lora.get("lm_head"))
+        return logits if cache is None else (logits, cache)

@@ -11,6 +11,7 @@ checkpoint. Multi-host: every process runs this same loop on its slice of each g
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -27,7 +28,7 @@ from jaxlora import data as data_lib
 from jaxlora import lora as lora_lib
 from jaxlora import optim, sharding, step as step_lib
 from jaxlora.config import RunConfig
-from jaxlora.metrics import MetricsLogger, measure_peak_flops
+from jaxlora.metrics import MetricsLogger, measure_peak_flops, train_flops_per_token
 from jaxlora.model import Model, from_pretrained
 
 log = logging.getLogger("jaxlora")
@@ -79,13 +80,37 @@ def make_loader(config: RunConfig, data, tokenizer, batch_size: int) -> data_lib
                                 process_count=jax.process_count())
 
 
-def build_trainable(model: Model, config: RunConfig, rng):
-    """{"lora": LoRA tree, "full": float32 copies of modules_to_save}, and the resolved targets."""
+def lora_ga_batches(config: RunConfig, data, tokenizer) -> list[dict]:
+    """LoRA-GA's estimation batches: the first batch_size * num_batches training examples, in order (as the
+    official code), padded to the training buckets; each process keeps its rows."""
+    ga = config.lora.lora_ga_config
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    loader = data_lib.BatchLoader(data, ga.batch_size, data_lib.bucket_lengths(config.data), pad, seed=0,
+                                  process_index=jax.process_index(), process_count=jax.process_count(),
+                                  shuffle=False)
+    return [loader.batch(i) for i in range(ga.num_batches)]
+
+
+def build_trainable(model: Model, config: RunConfig, rng, *, template_only: bool = False, ga_batches=None):
+    """{"lora": LoRA tree, "full": float32 copies of modules_to_save}, the resolved targets, and the base params to
+    train against (LoRA-GA's residual base; the model's own params otherwise).
+
+    With template_only, a LoRA-GA tree is only shaped (for restoring a checkpoint, whose a0/b0 give the residual).
+    """
     targets = model.lora_targets(config.lora)
-    lora = lora_lib.init_lora(model, config.lora, rng)
+    params = model.params
+    if config.lora.init_lora_weights == "lora_ga":
+        from jaxlora import lora_ga
+        if template_only:
+            lora = lora_ga.lora_ga_template(model, config.lora)
+        else:
+            lora, params = lora_ga.lora_ga_init(model, config.lora, ga_batches,
+                                                progress=config.train.progress_bar)
+    else:
+        lora = lora_lib.init_lora(model, config.lora, rng)
     full = lora_lib.split_modules_to_save(model.params, config.lora.modules_to_save)
     full = jax.tree.map(lambda x: x.astype(jnp.dtype(config.lora.lora_dtype)), full)
-    return {"lora": lora, "full": full}, targets
+    return {"lora": lora, "full": full}, targets, params
 
 
 def evaluate(eval_fn, params, trainable, loader, mesh, max_batches: int | None) -> float:
@@ -122,61 +147,75 @@ def train(config: RunConfig) -> TrainResult:
     loader = make_loader(config, train_data, tokenizer, batch_size)
     total_steps = tc.max_steps or max(1, int(tc.epochs * loader.steps_per_epoch))
 
-    rng = jax.random.PRNGKey(tc.seed)
-    init_rng, state_rng = jax.random.split(rng)
-    if config.lora.init_lora_weights == "lora_ga":
-        raise TrainingError("init_lora_weights='lora_ga' is not available yet in this version")
-    trainable, targets = build_trainable(model, config, init_rng)
-    tx, schedule = optim.make_optimizer(config.optim, total_steps)
-    trainable_sh = step_lib.trainable_shardings_for(model, targets, config.lora, trainable["full"])
-    state, state_sh = step_lib.init_state(trainable, tx, state_rng, trainable_sh, mesh)
-    params = model.params
-    train_step = step_lib.jit_train_step(
-        step_lib.make_train_step(model, tx, schedule, tc.grad_accum_steps), model.param_shardings, state_sh, mesh)
-    eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model), model.param_shardings, trainable_sh, mesh)
+    divisor = sharding.batch_divisor(mesh)
+    if tc.micro_batch_size % divisor:
+        raise TrainingError(f"train.micro_batch_size={tc.micro_batch_size} must be a multiple of the mesh's "
+                            f"data x fsdp = {divisor} (mesh {dict(mesh.shape)})")
+    with contextlib.ExitStack() as stack:  # the checkpointer and the logger are closed on any exit
+        rng = jax.random.PRNGKey(tc.seed)
+        init_rng, state_rng = jax.random.split(rng)
+        checkpointer = stack.enter_context(contextlib.closing(
+            ckpt_lib.Checkpointer(out / "checkpoints", keep=tc.keep_checkpoints)))
+        resuming = tc.resume and checkpointer.latest_step() is not None
+        is_ga = config.lora.init_lora_weights == "lora_ga"
+        t_init = time.perf_counter()
+        trainable, targets, params = build_trainable(
+            model, config, init_rng, template_only=resuming,
+            ga_batches=lora_ga_batches(config, train_data, tokenizer) if is_ga and not resuming else None)
+        if is_ga and not resuming:
+            log.info("LoRA-GA initialization: %.1fs", time.perf_counter() - t_init)
+        tx, schedule = optim.make_optimizer(config.optim, total_steps)
+        trainable_sh = step_lib.trainable_shardings_for(model, targets, config.lora, trainable["full"])
+        state, state_sh = step_lib.init_state(trainable, tx, state_rng, trainable_sh, mesh)
+        train_step = step_lib.jit_train_step(
+            step_lib.make_train_step(model, tx, schedule, tc.grad_accum_steps), model.param_shardings, state_sh, mesh)
+        eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model), model.param_shardings, trainable_sh, mesh)
 
-    checkpointer = ckpt_lib.Checkpointer(out / "checkpoints", keep=tc.keep_checkpoints)
-    signature = ckpt_lib.state_signature(model.config, state)
-    start = 0
-    if tc.resume and checkpointer.latest_step() is not None:
-        start = checkpointer.latest_step()
-        state, _ = checkpointer.restore(start, state, signature)
-        log.info("resumed from %s at step %d", checkpointer.directory, start)
+        signature = ckpt_lib.state_signature(model.config, state)
+        start = 0
+        if resuming:
+            start = checkpointer.latest_step()
+            state, _ = checkpointer.restore(start, state, signature)
+            if is_ga:  # the frozen base trained against is W0 - s*a0@b0, rebuilt from the checkpoint's a0/b0
+                params = trained_base(model.params, state.trainable)
+            log.info("resumed from %s at step %d", checkpointer.directory, start)
+        model.params = None  # the run trains against `params`; drop the model's reference (LoRA-GA: the original)
 
-    n_lora = lora_lib.num_lora_params(trainable["lora"])
-    log.info("training %d steps (%d/epoch) of %d examples x %d tokens max; LoRA params %.2fM (%.3f%% of base), "
-             "%d targets", total_steps, loader.steps_per_epoch, batch_size, config.data.max_length, n_lora / 1e6,
-             100 * n_lora / model.config.num_params, len(targets))
-    peak = (tc.peak_tflops_per_device * 1e12 if tc.peak_tflops_per_device else
-            measure_peak_flops() if jax.default_backend() == "cpu" else None)
-    logger = MetricsLogger(out, total_steps, start, tc.progress_bar, tc.tensorboard,
-                           peak_flops=peak * jax.device_count() if peak else None,
-                           log_every=tc.log_every)
-    meta = {"signature": signature, "config_path": str(out / "config.yaml"), "model": config.model.path}
+        n_lora = lora_lib.num_lora_params(trainable["lora"])
+        log.info("training %d steps (%d/epoch) of %d examples x %d tokens max; LoRA params %.2fM (%.3f%% of base), "
+                 "%d targets", total_steps, loader.steps_per_epoch, batch_size, config.data.max_length, n_lora / 1e6,
+                 100 * n_lora / model.config.num_params, len(targets))
+        if tc.peak_tflops_per_device:
+            peak = tc.peak_tflops_per_device * 1e12 * jax.device_count()
+        else:  # simulated CPU devices share the host's cores: the host's measured matmul rate is the whole peak
+            peak = measure_peak_flops() * jax.process_count() if jax.default_backend() == "cpu" else None
+        logger = stack.enter_context(contextlib.closing(MetricsLogger(
+            out, total_steps, start, tc.progress_bar, tc.tensorboard, peak_flops=peak, log_every=tc.log_every)))
+        meta = {"signature": signature, "config_path": str(out / "config.yaml"), "model": config.model.path}
 
-    losses: list[float] = []
-    pending = None  # metrics of the step in flight: fetched after the next dispatch, so the host never stalls XLA
-    eval_loss = None
-    last_good = start if start else None
-    executables: dict[tuple, tuple] = {}  # batch shape -> (compiled step, its FLOPs): bounded by the buckets
+        losses: list[float] = []
+        pending = None  # metrics of the step in flight: fetched after the next dispatch, so the host never stalls XLA
+        eval_loss = None
+        last_good = start if start else None
+        executables: dict[tuple, tuple] = {}  # batch shape -> (compiled step, its FLOPs): bounded by the buckets
 
-    def finish(step_done: int, metrics, tokens: int, flops):
-        loss = float(metrics["loss"])
-        if not math.isfinite(loss):
-            raise TrainingError(f"loss is {loss} at step {step_done}; stopped. Last good checkpoint: "
-                                + (f"step {last_good} in {checkpointer.directory}" if last_good is not None
-                                   else "none (no checkpoint was saved before this step)"))
-        losses.append(loss)
-        logger.log_step(step_done, {k: float(v) for k, v in metrics.items()}, tokens, flops)
+        def finish(step_done: int, metrics, tokens: int, flops):
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                raise TrainingError(f"loss is {loss} at step {step_done}; stopped. Last good checkpoint: "
+                                    + (f"step {last_good} in {checkpointer.directory}" if last_good is not None
+                                       else "none (no checkpoint was saved before this step)"))
+            losses.append(loss)
+            logger.log_step(step_done, {k: float(v) for k, v in metrics.items()}, tokens, flops)
 
-    try:
         for step in range(start, total_steps):
             host_batch = loader.batch(step)
             batch = step_lib.place_batch(host_batch, mesh)
             shape = host_batch["input_ids"].shape
             if shape not in executables:
                 compiled = train_step.lower(params, state, batch).compile()
-                executables[shape] = (compiled, _flops(compiled))
+                rows, length = shape[0] * jax.process_count(), shape[1]
+                executables[shape] = (compiled, rows * length * train_flops_per_token(model, length))
             compiled, flops = executables[shape]
             state, metrics = compiled(params, state, batch)
             if pending is not None:
@@ -198,30 +237,15 @@ def train(config: RunConfig) -> TrainResult:
                 last_good = done
         if pending is not None:
             finish(*pending)
-    finally:
-        checkpointer.close()
-        logger.close()
 
-    adapter_dir = None
-    if config.lora.init_lora_weights != "lora_ga":
-        from jaxlora.peft_format import export_peft
-        adapter_dir = export_peft(model, state.trainable["lora"], config.lora, out / "adapter",
-                                  modules_to_save=state.trainable["full"], overwrite=True)
+    from jaxlora.peft_format import export_peft
+    adapter_dir = export_peft(model, state.trainable["lora"], config.lora, out / "adapter",
+                              modules_to_save=state.trainable["full"], overwrite=True)
     compiles = len(executables)
     log.info("done: %d steps, final loss %.4f%s; adapter in %s; %d train-step compilations",
              total_steps, losses[-1] if losses else float("nan"),
              f", eval loss {eval_loss:.4f}" if eval_loss is not None else "", adapter_dir, compiles)
     return TrainResult(out, adapter_dir, total_steps, losses, eval_loss, logger.tokens_per_second(), compiles)
-
-
-def _flops(compiled) -> float | None:
-    """FLOPs of one compiled step (XLA cost analysis), for MFU; None where the backend does not report them."""
-    try:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost.get("flops", 0.0)) or None
-    except Exception:  # cost analysis is best effort and backend specific
-        return None
 
 
 def loss_history(output_dir: str | Path) -> list[dict]:
@@ -233,7 +257,7 @@ def loss_history(output_dir: str | Path) -> list[dict]:
 
 def restore_trainable(config: RunConfig, model: Model, step: int | None = None):
     """The trainable tree ({"lora", "full"}) of a run's checkpoint (latest by default), in its shardings."""
-    trainable, targets = build_trainable(model, config, jax.random.PRNGKey(config.train.seed))
+    trainable, targets, _ = build_trainable(model, config, jax.random.PRNGKey(config.train.seed), template_only=True)
     tx, _ = optim.make_optimizer(config.optim, 1)
     trainable_sh = step_lib.trainable_shardings_for(model, targets, config.lora, trainable["full"])
     template, _ = step_lib.init_state(trainable, tx, jax.random.PRNGKey(0), trainable_sh, model.mesh)
@@ -248,6 +272,12 @@ def restore_trainable(config: RunConfig, model: Model, step: int | None = None):
     return state.trainable, step
 
 
+def trained_base(params, trainable):
+    """The frozen base a run trained against: W0, or W0 - s*a0@b0 for base-modifying (LoRA-GA) adapters."""
+    from jaxlora.lora_ga import residual_params
+    return residual_params(params, trainable["lora"])
+
+
 def evaluate_run(config: RunConfig, step: int | None = None, base_only: bool = False) -> dict:
     """Held-out loss and perplexity of a run's checkpoint (or of the base model with base_only)."""
     mesh = sharding.make_mesh(config.mesh)
@@ -256,13 +286,15 @@ def evaluate_run(config: RunConfig, step: int | None = None, base_only: bool = F
     _, eval_data = load_data(config, tokenizer)
     if eval_data is None:
         raise TrainingError("no held-out data: set data.eval_path or data.eval_fraction")
+    params = model.params
     if base_only:
         trainable, step = {"lora": {}, "full": {}}, 0
     else:
         trainable, step = restore_trainable(config, model, step)
+        params = trained_base(model.params, trainable)
     eval_fn = jax.jit(step_lib.make_eval_step(model))
     loader = make_loader(config, eval_data, tokenizer, config.train.micro_batch_size)
-    loss = evaluate(eval_fn, model.params, trainable, loader, mesh, config.train.eval_batches)
+    loss = evaluate(eval_fn, params, trainable, loader, mesh, config.train.eval_batches)
     return {"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
             "examples": loader.steps_per_epoch * config.train.micro_batch_size}
 
@@ -272,6 +304,7 @@ def export_merged(config: RunConfig, out_dir: str | Path, step: int | None = Non
     mesh = sharding.make_mesh(config.mesh)
     model = load_model(config, mesh)
     trainable, _ = restore_trainable(config, model, step)
-    params = lora_lib.merge(lora_lib.overlay(model.params, trainable["full"]), trainable["lora"])
+    params = lora_lib.merge(lora_lib.overlay(trained_base(model.params, trainable), trainable["full"]),
+                            trainable["lora"])
     params = jax.tree.map(lambda new, old: new.astype(old.dtype), params, model.params)
     return model.save_pretrained(out_dir, params, overwrite=overwrite)

@@ -1,0 +1,339 @@
+"""BLOOM and GPT-2: float32 logits parity with transformers (unpadded, right- and left-padded, pads inside a row), export
+transformers reloads, LoRA on the fused attention kernel equal to PEFT's (logits and gradients), PEFT's module
+names, and sharded + remat gradients equal to the single-device ones.
+
+Reference models are tiny random transformers models saved with `save_pretrained`, weights redrawn at a scale where
+logits are O(1) and norms/biases are non-trivial, so a mis-mapped tensor (or a wrong q/k/v split of a fused kernel,
+or a wrong ALiBi slope) cannot hide under the tolerance.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from flax import traverse_util
+from jax.sharding import PartitionSpec as P
+
+import jaxlora
+from jaxlora import sharding
+from jaxlora.lora import LoraConfig, linear_modules, lora_items, module_names
+from jaxlora.models import bloom
+from jaxlora.sharding import MeshConfig
+
+PARITY_ATOL = 1e-4  # float32, PyTorch vs XLA on CPU
+SEQ, VOCAB = 12, 128
+_BLOOM = (transformers.BloomConfig, transformers.BloomForCausalLM)
+_GPT2 = (transformers.GPT2Config, transformers.GPT2LMHeadModel)
+# name -> (transformers config class, model class, config kwargs)
+VARIANTS = {
+    "bloom": (*_BLOOM, dict(hidden_size=64, n_layer=2, n_head=4)),
+    # 6 heads: ALiBi's non-power-of-2 slopes; residual after the layer norm; an untied lm_head
+    "bloom_6heads_postln_untied": (*_BLOOM, dict(hidden_size=96, n_layer=2, n_head=6, tie_word_embeddings=False,
+                                                 apply_residual_connection_post_layernorm=True)),
+    "gpt2": (*_GPT2, dict(n_embd=64, n_layer=2, n_head=4, n_positions=64)),
+    # exact-erf gelu, n_inner, per-layer attention scaling (a scanned layer index), untied lm_head
+    "gpt2_gelu_inner_layerscale_untied": (*_GPT2, dict(n_embd=64, n_layer=3, n_head=4, n_positions=64, n_inner=80,
+                                                       activation_function="gelu", tie_word_embeddings=False,
+                                                       scale_attn_by_inverse_layer_idx=True)),
+}
+PEFT_TARGET = {"bloom": "query_key_value", "gpt2": "c_attn"}
+PARITY_ERRORS: dict[str, float] = {}
+
+
+def family(name: str) -> str:
+    return name.split("_")[0]
+
+
+def build_hf(name: str, seed: int = 0) -> transformers.PreTrainedModel:
+    config_cls, model_cls, kwargs = VARIANTS[name]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **kwargs)).eval()
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if ("layernorm" in key or ".ln_" in key) and key.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            else:  # kernels, embeddings and biases
+                p.normal_(0.0, 0.2)
+    return model
+
+
+def torch_logits(model, ids, mask=None) -> torch.Tensor:
+    return model(torch.tensor(ids), attention_mask=None if mask is None else torch.tensor(mask)).logits
+
+
+def hf_logits(model, ids, mask=None) -> np.ndarray:
+    with torch.no_grad():
+        return torch_logits(model, ids, mask).float().numpy()
+
+
+_JITTED: dict = {}
+
+
+def jax_logits(model, ids, mask=None, params=None, lora=None) -> np.ndarray:
+    if id(model) not in _JITTED:  # one jitted forward per model, so repeated calls do not recompile
+        _JITTED[id(model)] = (model, jax.jit(lambda p, i, m, lo: model.apply(p, i, m, lora=lo)))
+    fn = _JITTED[id(model)][1]
+    return np.asarray(fn(model.params if params is None else params, jnp.asarray(ids),
+                         None if mask is None else jnp.asarray(mask), lora))
+
+
+def make_batch(padding: str = "right", seed: int = 0):
+    """Ids (2, SEQ) and a mask where row 1 is padded (right: 7 real tokens; left: 5 pads; holes: 3 pads inside)."""
+    ids = np.random.RandomState(seed).randint(0, VOCAB, (2, SEQ)).astype(np.int32)
+    mask = np.ones((2, SEQ), np.int32)
+    if padding == "left":
+        mask[1, :5] = 0
+    elif padding == "right":
+        mask[1, 7:] = 0
+    elif padding == "holes":
+        mask[1, 3:6] = 0
+    return ids, mask
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_parity():
+    yield
+    if PARITY_ERRORS:
+        print("\nmax-abs logits error vs transformers / PEFT (float32):")
+        for key, err in sorted(PARITY_ERRORS.items()):
+            print(f"  {key:52s} {err:.3e}")
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request, tmp_path_factory):
+    name = request.param
+    hf = build_hf(name)
+    folder = tmp_path_factory.mktemp(name)
+    hf.save_pretrained(folder)
+    return name, hf, folder, jaxlora.from_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------------------ parity
+
+
+@pytest.mark.parametrize("padding", ["unpadded", "right", "left", "holes"])
+def test_logits_match_transformers(variant, padding):
+    """Non-pad positions only. BLOOM's ALiBi positions come from the mask (cumsum), GPT-2's learned positions stay
+    0..T-1, both as HF does. A per-row offset of ALiBi positions cancels in the softmax, so left padding alone
+    cannot tell cumsum from 0..T-1 positions; pads inside the row ("holes") do."""
+    name, hf, _, model = variant
+    ids, mask = make_batch(padding)
+    mask = None if padding == "unpadded" else mask
+    ref, got = hf_logits(hf, ids, mask), jax_logits(model, ids, mask)
+    keep = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
+    err = float(np.abs(got - ref)[keep].max())
+    padded_row_err = float(np.abs(got - ref)[1][keep[1]].max())
+    PARITY_ERRORS[f"{name}/{padding}"] = err
+    if padding != "unpadded":
+        PARITY_ERRORS[f"{name}/{padding} (padded row only)"] = padded_row_err
+    assert got.shape == ref.shape == (2, SEQ, VOCAB)
+    assert np.abs(ref).max() > 1.0, "reference logits are too small for the tolerance to mean anything"
+    assert err < PARITY_ATOL and padded_row_err < PARITY_ATOL
+    if padding == "left" and family(name) == "bloom":  # ALiBi from the mask: the row's logits, unpadded
+        np.testing.assert_allclose(got[1, 5:], jax_logits(model, ids[1:, 5:])[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("num_heads", [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 40, 48, 71, 112])
+def test_alibi_slopes_match_transformers(num_heads):
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+    ref = _get_alibi_slopes(num_heads, torch.device("cpu")).numpy()
+    np.testing.assert_allclose(bloom.alibi_slopes(num_heads), ref, rtol=1e-6, atol=0)
+
+
+def test_config_features_and_param_count(variant):
+    """Each variant's distinguishing feature reaches the config and the param tree (so parity tested it)."""
+    name, hf, _, model = variant
+    cfg, params = model.config, model.params
+    n_hf = sum(p.numel() for p in hf.parameters())
+    assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params == n_hf
+    assert ("lm_head" in params) == name.endswith("untied") == (not cfg.tie_word_embeddings)
+    assert cfg.num_hidden_layers == hf.config.num_hidden_layers
+    if family(name) == "bloom":
+        assert cfg.apply_residual_connection_post_layernorm == ("postln" in name)
+        assert params["transformer"]["h"]["self_attention"]["query_key_value"]["kernel"].shape == (
+            2, cfg.hidden_size, 3 * cfg.hidden_size)
+    else:
+        assert cfg.scale_attn_by_inverse_layer_idx == ("layerscale" in name)
+        assert cfg.activation_function == ("gelu" if "gelu_" in name else "gelu_new")
+        assert params["transformer"]["h"]["mlp"]["c_fc"]["kernel"].shape[-1] == (80 if "inner" in name else 256)
+    for axes, x in zip(jax.tree.leaves(model.param_axes, is_leaf=lambda a: isinstance(a, tuple)),
+                       jax.tree.leaves(params)):
+        assert len(axes) == x.ndim and any(a is not None for a in axes), (axes, x.shape)
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def test_export_reloads_in_transformers(variant, tmp_path):
+    name, hf, _, model = variant
+    out = model.save_pretrained(tmp_path / "export")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(reloaded) is type(hf)
+    ref_state, got_state = hf.state_dict(), reloaded.state_dict()
+    assert set(ref_state) == set(got_state)
+    for key, t in ref_state.items():
+        assert torch.equal(t, got_state[key]), key
+    ids, mask = make_batch("left")
+    np.testing.assert_array_equal(hf_logits(reloaded, ids, mask), hf_logits(hf, ids, mask))
+    again = jaxlora.from_pretrained(out)
+    for x, y in zip(jax.tree.leaves(model.params), jax.tree.leaves(again.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_old_gpt2_attention_buffers_are_ignored(tmp_path):
+    """Older GPT-2 checkpoints carry attn.bias / attn.masked_bias causal-mask buffers; they are read past."""
+    import safetensors.torch
+    build_hf("gpt2").save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = safetensors.torch.load_file(path)
+    for i in range(2):
+        tensors[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+        tensors[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
+    jaxlora.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+
+
+def peft_model(hf, fam: str, r: int = 4, alpha: float = 8.0, seed: int = 1):
+    """PEFT LoRA on the fused attention kernel, both factors random (a real, non-zero adapter)."""
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=[PEFT_TARGET[fam]], init_lora_weights=False,
+                             fan_in_fan_out=fam == "gpt2")  # GPT-2's Conv1D stores (in, out)
+    model = peft.get_peft_model(copy.deepcopy(hf), config).eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "lora_" in key:
+                p.normal_(0.0, 0.2)
+    return model
+
+
+def lora_tree(model, lora_config: LoraConfig, factors) -> dict:
+    """A LoRA tree placed in the model's LoRA shardings, with `factors(path, names) -> (a, b)` numpy values."""
+    shardings = model.lora_shardings(model.lora_targets(lora_config), lora_config)
+    flat = {}
+    for path, s in lora_items(shardings):
+        a, b = factors(path, module_names(path, model.config.num_hidden_layers, model.names.stack_name))
+        flat[path] = s.replace(a=jax.device_put(a, s.a), b=jax.device_put(b, s.b))
+    return traverse_util.unflatten_dict(flat)
+
+
+def lora_from_peft(model, pm, lora_config: LoraConfig):
+    """Our LoRA tree with PEFT's factors copied in: a[i] = lora_A.weight.T, b[i] = lora_B.weight.T."""
+    modules = dict(pm.base_model.model.named_modules())
+    factor = lambda names, which: np.stack([getattr(modules[n], which)["default"].weight.detach().numpy().T
+                                            for n in names])
+    return lora_tree(model, lora_config, lambda path, names: (factor(names, "lora_A"), factor(names, "lora_B")))
+
+
+@pytest.mark.parametrize("name", ["bloom", "gpt2"])
+def test_lora_on_fused_kernel_matches_peft(name, tmp_path):
+    """Logits and LoRA gradients equal PEFT's for the same factors, with left padding (non-pad positions)."""
+    fam = family(name)
+    hf = build_hf(name)
+    hf.save_pretrained(tmp_path)
+    model = jaxlora.from_pretrained(tmp_path)
+    pm = peft_model(hf, fam)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=[PEFT_TARGET[fam]], init_lora_weights=False)
+    lora = lora_from_peft(model, pm, cfg)
+    ids, mask = make_batch("left")
+    keep = mask.astype(bool)
+    weights = np.random.RandomState(3).normal(size=(2, SEQ, VOCAB)).astype(np.float32) * keep[..., None]
+
+    ref_t = torch_logits(pm, ids, mask)
+    (ref_t * torch.tensor(weights)).sum().backward()
+    ref = ref_t.detach().numpy()
+    got = jax_logits(model, ids, mask, lora=lora)
+    err = float(np.abs(got - ref)[keep].max())
+    PARITY_ERRORS[f"{name}/peft_lora_{PEFT_TARGET[fam]}/left"] = err
+    assert err < PARITY_ATOL
+    assert np.abs(got - jax_logits(model, ids, mask))[keep].max() > 0.1, "the adapter must change the logits"
+
+    loss = lambda lo: jnp.sum(model.apply(model.params, jnp.asarray(ids), jnp.asarray(mask), lora=lo) * weights)
+    grads = jax.jit(jax.grad(loss))(lora)
+    modules = dict(pm.base_model.model.named_modules())
+    for path, g in lora_items(grads):
+        for i, n in enumerate(module_names(path, model.config.num_hidden_layers, model.names.stack_name)):
+            for ours, theirs in ((g.a[i], modules[n].lora_A["default"].weight.grad.T),
+                                 (g.b[i], modules[n].lora_B["default"].weight.grad.T)):
+                theirs = theirs.numpy()
+                np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4 * np.abs(theirs).max(), rtol=0)
+
+
+def test_lora_module_names_are_peft_names(variant):
+    """Default targets are PEFT's per-model defaults; "all-linear" adapts exactly the modules PEFT's does."""
+    name, hf, _, model = variant
+    fam = family(name)
+    n_layers = model.config.num_hidden_layers
+    (default,) = model.lora_targets(LoraConfig(r=2))
+    assert module_names(default.path, n_layers, model.names.stack_name)[0] == {
+        "bloom": "transformer.h.0.self_attention.query_key_value", "gpt2": "transformer.h.0.attn.c_attn"}[fam]
+    ours = {n for t in model.lora_targets(LoraConfig(r=2, target_modules="all-linear"))
+            for n in module_names(t.path, n_layers, model.names.stack_name)}
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, target_modules="all-linear"))
+    theirs = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lora_A")}
+    assert ours == theirs
+    assert len(ours) == 4 * n_layers and not any("lm_head" in n for n in ours)
+
+
+# ------------------------------------------------------------------------------------------ sharding, remat
+
+
+@pytest.mark.parametrize("name", ["bloom", "gpt2"])
+def test_sharded_remat_grads_equal_single_device(name, tmp_path):
+    """LoRA gradients (all-linear) on a 2x2x2 mesh with full remat equal the 1-device, no-remat ones."""
+    build_hf(name).save_pretrained(tmp_path)
+    one = jaxlora.from_pretrained(tmp_path, mesh=sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1]))
+    mesh8 = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    eight = jaxlora.from_pretrained(tmp_path, mesh=mesh8, remat="full")
+    qkv = "self_attention/query_key_value" if name == "bloom" else "attn/c_attn"
+    layers = eight.params["transformer"]["h"]
+    kernel = layers
+    for key in qkv.split("/"):
+        kernel = kernel[key]
+    assert kernel["kernel"].sharding.spec == P(None, "fsdp", "tensor")
+    assert {s.data.shape for s in kernel["kernel"].addressable_shards} == {(2, 32, 96)}
+
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    kernels = linear_modules(one.abstract_params)
+
+    def factors(path, _):
+        rng = np.random.RandomState(sum(map(len, path)))
+        layers, d_in, d_out = kernels[path].shape
+        return (rng.normal(0, 0.2, (layers, d_in, 4)).astype(np.float32),
+                rng.normal(0, 0.2, (layers, 4, d_out)).astype(np.float32))
+    lora1, lora8 = lora_tree(one, cfg, factors), lora_tree(eight, cfg, factors)
+    ids, mask = make_batch("left")
+    weights = jnp.asarray(np.random.RandomState(1).normal(size=(2, SEQ, VOCAB)).astype(np.float32))
+
+    def grads(model, lora):
+        loss = lambda lo, p: jnp.sum(model.apply(p, jnp.asarray(ids), jnp.asarray(mask), lora=lo) * weights)
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(lora, model.params))
+        assert ("checkpoint" in jaxpr or "remat" in jaxpr) == (model is eight)
+        return jax.jit(jax.grad(loss))(lora, model.params)
+
+    g1, g8 = grads(one, lora1), grads(eight, lora8)
+    assert jax.tree.structure(g1) == jax.tree.structure(g8)
+    for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g8)):
+        x, y = np.asarray(x), np.asarray(y)
+        assert np.isfinite(y).all() and np.abs(x).max() > 1e-3
+        np.testing.assert_allclose(y, x, atol=1e-5 * np.abs(x).max(), rtol=0)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_gpt2_unsupported_activation_is_named(tmp_path):
+    transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=4, activation_function="tanh",
+                            architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="activation_function 'tanh' is not supported") as e:
+        jaxlora.from_pretrained(tmp_path)
+    assert "config.json" in str(e.value) and "gelu_new" in str(e.value)
