@@ -1,6 +1,6 @@
 """jaxlora: LoRA and LoRA-GA fine-tuning of Hugging Face language models in JAX/Flax."""
 
-from jaxlora.generate import generate
+from jaxlora.generation import generate
 from jaxlora.lora import LoraConfig, LoraGAConfig, init_lora, merge, unmerge
 from jaxlora.lora_ga import lora_ga_init
 from jaxlora.lora_weights import LoraWeights

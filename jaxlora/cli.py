@@ -1,4 +1,4 @@
-"""The `jaxlora` command line: train, eval, export. Thin: parsing here, the work in `jaxlora.train`.
+"""The `jaxlora` command line. Thin: parsing here, the work in `jaxlora.trainer`, `peft_format`, `generation`.
 
     jaxlora train  --config configs/smollm2_135m_cpu.yaml [--set optim.learning_rate=1e-4 ...]
     jaxlora eval   --config configs/smollm2_135m_cpu.yaml [--step N | --base]
@@ -58,11 +58,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train_lib():
-    """The training-loop module (jaxlora.trainer; jaxlora.train before the rename)."""
-    try:
-        return importlib.import_module("jaxlora.trainer")
-    except ModuleNotFoundError:
-        return importlib.import_module("jaxlora.train")
+    """The training-loop module, imported lazily so `jaxlora --help` stays fast."""
+    return importlib.import_module("jaxlora.trainer")
 
 
 def _load_adapter(model, adapter_dir):
@@ -82,7 +79,7 @@ def _import_peft(args) -> None:
 
 
 def _generate(args) -> None:
-    from jaxlora.generate import generate
+    from jaxlora.generation import generate
     from jaxlora.model import from_pretrained
     model = from_pretrained(args.model, args.dtype)
     lora, params = None, model.params

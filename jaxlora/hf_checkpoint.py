@@ -53,6 +53,8 @@ class NameTable:
     rules: tuple[NameRule, ...]
     ignore: tuple[str, ...] = ()  # regexes of HF keys that are read past (e.g. rotary_emb.inv_freq)
     stack_name: str = "layers"  # the scanned module whose params carry a leading layer axis
+    base_prefix: str = ""  # the base model's key prefix ("transformer."), absent from some checkpoints (hub GPT-2,
+    #                        BLOOM store "h.0.attn..."): reading accepts both, export writes it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +160,9 @@ def load_params(folder, table: NameTable, abstract_params, shardings, num_layers
     """Reads a HF safetensors folder into a param tree placed directly into `shardings`."""
     files = SafetensorsFolder(folder)
     mapping = plan_mapping(table, abstract_params, num_layers)
+    prefix = table.base_prefix
+    if prefix and not any(k.startswith(prefix) for k in files.keys()):  # saved from the bare base model
+        mapping = [dataclasses.replace(m, hf_keys=tuple(k.removeprefix(prefix) for k in m.hf_keys)) for m in mapping]
     check_keys(table, mapping, files, folder)
     flat_abs = traverse_util.flatten_dict(abstract_params)
     flat_shard = traverse_util.flatten_dict(shardings)

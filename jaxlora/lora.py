@@ -241,16 +241,19 @@ def init_lora(model, lora_config: LoraConfig, rng: jax.Array) -> dict:
         raise LoraConfigError("init_lora_weights='lora_ga' needs gradients: call jaxlora.lora_ga_init(model, "
                               "lora_config, batches) instead of init_lora")
     targets = model.lora_targets(lora_config)
-    dtype = jnp.dtype(lora_config.lora_dtype)
-    kernels = linear_modules(model.abstract_params)
+    key = (tuple(targets), lora_config.init_lora_weights, lora_config.lora_dtype, lora_config.lora_dropout)
+    cache = model.__dict__.setdefault("_lora_init_fns", {})  # one compiled init per LoRA layout and model
+    if key not in cache:
+        dtype = jnp.dtype(lora_config.lora_dtype)
+        kernels = linear_modules(model.abstract_params)
 
-    def make_all(rng):
-        return build_lora_tree(targets, lambda t: LoraWeights(
-            *init_factors(_target_key(rng, t.path), kernels[t.path].shape, t.rank, lora_config.init_lora_weights,
-                          dtype), scale=t.scale, dropout=lora_config.lora_dropout))
+        def make_all(rng):
+            return build_lora_tree(targets, lambda t: LoraWeights(
+                *init_factors(_target_key(rng, t.path), kernels[t.path].shape, t.rank,
+                              lora_config.init_lora_weights, dtype), scale=t.scale, dropout=lora_config.lora_dropout))
 
-    shardings = model.lora_shardings(targets, lora_config)
-    return jax.jit(make_all, out_shardings=shardings)(rng)
+        cache[key] = jax.jit(make_all, out_shardings=model.lora_shardings(targets, lora_config))
+    return cache[key](rng)
 
 
 def lora_items(lora) -> list[tuple[tuple[str, ...], LoraWeights]]:

@@ -66,12 +66,17 @@ def _check_targets(model, targets, ga: LoraGAConfig) -> None:
             raise LoraGAError(f"LoRA-GA needs 2r <= min(in, out); {name} is {d_in}x{d_out} and r={t.rank}")
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _statistic_flags(value, stacked: bool):
+    """(all finite, any nonzero) per layer (stacked) or for the whole array."""
+    axes = tuple(range(1 if stacked else 0, value.ndim))
+    return jnp.all(jnp.isfinite(value), axis=axes), jnp.any(value != 0, axis=axes)
+
+
 def _check_statistic(names: list[str], value, stacked: bool) -> None:
     """Raises naming the first layer whose statistic (a gradient, or singular values) is non-finite or all zero.
     Checked per layer of a stacked target (on the device, so no full-size gradient is copied to the host)."""
-    axes = tuple(range(1 if stacked else 0, value.ndim))
-    finite = np.atleast_1d(np.asarray(jnp.all(jnp.isfinite(value), axis=axes)))
-    nonzero = np.atleast_1d(np.asarray(jnp.any(value != 0, axis=axes)))
+    finite, nonzero = (np.atleast_1d(x) for x in jax.device_get(_statistic_flags(value, stacked)))
     for name, ok, nz in zip(names, finite, nonzero):
         if not ok:
             raise LoraGAError(f"LoRA-GA: the estimated gradient of {name} is not finite (NaN/inf); check the data "
@@ -102,10 +107,10 @@ def _steps(model) -> dict:
     return vars(model).setdefault("_lora_ga_steps", {})
 
 
-def estimate_gradients(model, params, targets, batches: list[dict], progress: bool = True):
-    """float32 mean over batches of dL/dK for the targeted kernels only (nothing else is differentiated)."""
+def make_estimate_step(model, targets, rows: int):
+    """jit(acc, count, params, batch) -> (acc + dL/dK, count + tokens) for `rows`-row global batches: the exact
+    estimation's one compiled step (float32 accumulators sharded like their kernels). `jaxlora.plan` compiles it."""
     kernel_sh = _kernel_subtree(model.param_shardings, targets)
-    rows = batches[0]["input_ids"].shape[0] * jax.process_count()
     key = ("gradient", tuple(t.path for t in targets), rows)
 
     def accumulate(acc, count, params, batch):
@@ -120,7 +125,14 @@ def estimate_gradients(model, params, targets, batches: list[dict], progress: bo
         _steps(model)[key] = jax.jit(accumulate, in_shardings=(kernel_sh, rep, model.param_shardings,
                                                                sharding.batch_sharding(model.mesh, batch_size=rows)),
                                      out_shardings=(kernel_sh, rep), donate_argnums=(0, 1))
-    step = _steps(model)[key]
+    return _steps(model)[key]
+
+
+def estimate_gradients(model, params, targets, batches: list[dict], progress: bool = True):
+    """float32 mean over batches of dL/dK for the targeted kernels only (nothing else is differentiated)."""
+    kernel_sh = _kernel_subtree(model.param_shardings, targets)
+    rows = batches[0]["input_ids"].shape[0] * jax.process_count()
+    step = make_estimate_step(model, targets, rows)
     zeros = jax.jit(lambda: jax.tree.map(lambda k: jnp.zeros(k.shape, jnp.float32),
                                          _kernel_subtree(model.abstract_params, targets)),
                     out_shardings=kernel_sh)

@@ -37,7 +37,7 @@ LLAMA_NAMES = NameTable(rules=(
     NameRule(r"model/layers/(\w+)/scale", "model.layers.{layer}.{0}.weight"),
     NameRule(r"model/norm/scale", "model.norm.weight"),
     NameRule(r"lm_head/kernel", "lm_head.weight", transpose=True),
-), ignore=(r".*rotary_emb\.inv_freq",))
+), ignore=(r".*rotary_emb\.inv_freq",), base_prefix="model.")
 
 # HF architecture -> (config class, module class, name table). One line per family.
 FAMILIES = {arch: (llama.LlamaConfig, llama.LlamaForCausalLM, LLAMA_NAMES) for arch in llama.SUPPORTED_ARCHITECTURES}

@@ -22,6 +22,7 @@ explicit rank_pattern/alpha_pattern entry where PEFT would otherwise compute a d
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -36,6 +37,8 @@ from jaxlora import hf_checkpoint
 from jaxlora.hf_checkpoint import CheckpointError
 from jaxlora.lora import INIT_METHODS, LoraConfig, _matches, _pattern_value, linear_modules, lora_items, module_names
 from jaxlora.lora_weights import LoraWeights
+
+log = logging.getLogger(__name__)
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -113,9 +116,10 @@ def _rank_alpha(model, lora, cfg: LoraConfig) -> dict:
             got_alpha = _pattern_value(alphas, name, alpha)
             if not math.isclose(cfg.scale(rank, got_alpha), w.scale, rel_tol=1e-9):
                 pinned_alpha[key] = w.scale * (math.sqrt(rank) if cfg.use_rslora else rank)
-    # PEFT takes the first pattern that matches: pinned entries go first
-    return {"r": r, "lora_alpha": alpha, "rank_pattern": {**pinned_r, **ranks},
-            "alpha_pattern": {**pinned_alpha, **alphas}}
+    # PEFT takes the first pattern that matches: pinned entries go first (and win over an equal user key)
+    first = lambda pinned, user: {**pinned, **{k: v for k, v in user.items() if k not in pinned}}
+    return {"r": r, "lora_alpha": alpha, "rank_pattern": first(pinned_r, ranks),
+            "alpha_pattern": first(pinned_alpha, alphas)}
 
 
 def _saved_module_names(model, modules_to_save) -> list[str] | None:
@@ -189,6 +193,9 @@ def read_peft_config(adapter_dir: Path) -> LoraConfig:
         if raw.get(field, default) not in (default, [], {}):
             raise PeftFormatError(f"{path}: {field}={raw[field]!r} is not supported")
     init = raw.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian"):  # e.g. "pissa" saved without conversion: relative to a residual base
+        log.warning("%s: init_lora_weights=%r; the adapter is applied to the base as given (PEFT does the same). "
+                    "If it was saved without converting to the original base, its base weights differ.", path, init)
     try:
         return LoraConfig(
             r=raw["r"], lora_alpha=raw.get("lora_alpha", 8), lora_dropout=raw.get("lora_dropout", 0.0) or 0.0,

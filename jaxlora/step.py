@@ -109,13 +109,29 @@ def state_shardings(state_abstract: TrainState, trainable_shardings, mesh) -> Tr
                       opt_state=opt_state_shardings(state_abstract.opt_state, trainable_shardings, mesh), rng=rep)
 
 
-def init_state(trainable, tx: optax.GradientTransformation, rng: jax.Array, trainable_shardings, mesh):
-    """TrainState placed in its shardings (optimizer moments sharded like their parameters)."""
+def _state_maker(tx: optax.GradientTransformation) -> Callable:
     def make(trainable, rng):
         return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(trainable), rng=rng)
+    return make
+
+
+def init_state(trainable, tx: optax.GradientTransformation, rng: jax.Array, trainable_shardings, mesh):
+    """TrainState placed in its shardings (optimizer moments sharded like their parameters)."""
+    make = _state_maker(tx)
     abstract = jax.eval_shape(make, trainable, rng)
     shardings = state_shardings(abstract, trainable_shardings, mesh)
     return jax.jit(make, out_shardings=shardings)(trainable, rng), shardings
+
+
+def abstract_state(trainable, tx: optax.GradientTransformation, rng, trainable_shardings, mesh):
+    """The TrainState `init_state` would build, as ShapeDtypeStructs carrying their shardings, and the shardings:
+    what ahead-of-time compilation (`jaxlora.plan`) lowers the train step with. Nothing is allocated."""
+    abstract = jax.eval_shape(_state_maker(tx), trainable, rng)
+    shardings = state_shardings(abstract, trainable_shardings, mesh)
+    # A None sharding (LoRA-GA's a0/b0 get none from `trainable_shardings_for`) leaves the choice to jit.
+    structs = jax.tree.map(lambda s, x: x if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                           shardings, abstract, is_leaf=lambda s: s is None)
+    return structs, shardings
 
 
 def jit_train_step(step_fn, param_shardings, state_sharding, mesh) -> Callable:

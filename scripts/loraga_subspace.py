@@ -32,6 +32,7 @@ columns) whose mean overlap is >= --threshold (0.99) for both slices ArB2r uses.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -156,11 +157,11 @@ def to_numpy(triplets, k: int) -> dict:
     return out
 
 
-def simulated_streaming(grads: dict, targets, ga, r_of, shapes) -> dict:
-    """`lora_ga.streaming_factorize`'s algorithm, with its Omegas, applied to the exact accumulated gradients."""
+@functools.lru_cache(maxsize=None)
+def _simulated_run(power: int):
+    """jit(g (..., in, out), omega (..., q, out)) -> (U, S, Vt): streaming_factorize's steps on an explicit G."""
     import jax
     import jax.numpy as jnp
-    from jaxlora import lora_ga
 
     def orth(y):
         return jnp.linalg.qr(y)[0]
@@ -168,15 +169,23 @@ def simulated_streaming(grads: dict, targets, ga, r_of, shapes) -> dict:
     def sw(x):
         return jnp.swapaxes(x, -1, -2)
 
-    @jax.jit
     def run(g, omega):
         qm = orth(g @ sw(omega))  # range pass: grad wrt a of (a=0, b=Omega) = G @ Omega^T
-        for _ in range(ga.power_iters()):
+        for _ in range(power):
             z = sw(qm) @ g  # co-range pass: grad wrt b of (a=Q, b=0) = Q^T G
             qm = orth(g @ orth(sw(z)))  # range pass with b = orth(Z^T)^T
         ub, s, vt = jnp.linalg.svd(sw(qm) @ g, full_matrices=False)
         return qm @ ub, s, vt
+    return jax.jit(run)
 
+
+def simulated_streaming(grads: dict, targets, ga, r_of, shapes) -> dict:
+    """`lora_ga.streaming_factorize`'s algorithm, with its Omegas, applied to the exact accumulated gradients."""
+    import jax
+    import jax.numpy as jnp
+    from jaxlora import lora_ga
+
+    run = _simulated_run(ga.power_iters())
     key = jax.random.key(ga.seed)
     out = {}
     for i, t in enumerate(targets):
@@ -207,12 +216,14 @@ def parse_args(argv=None):
     p.add_argument("--methods", default="streaming,randomized")
     p.add_argument("--threshold", type=float, default=0.99)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="tiny random Llama and random tokens (smoke test)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny random Llama, random tokens, small grid (smoke test; explicit flags still apply)")
     p.add_argument("--out-json", default=str(ROOT / "docs" / "loraga_subspace.json"))
     p.add_argument("--out-md", default=str(ROOT / "docs" / "loraga_subspace.md"))
     args = p.parse_args(argv)
-    if args.quick:
-        for name, val in (("batches", 2), ("batch_size", 2), ("max_length", 32), ("r", 2)):
+    if args.quick:  # small grid: the whole run is mostly compilation
+        for name, val in (("batches", 2), ("batch_size", 2), ("max_length", 32), ("r", 2), ("oversampling", "0,2"),
+                          ("power", "0,1"), ("randomized_extra", ""), ("real", "2:0")):
             if getattr(args, name) == p.get_default(name):
                 setattr(args, name, val)
     return args

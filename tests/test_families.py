@@ -1,10 +1,6 @@
-"""BLOOM and GPT-2: float32 logits parity with transformers (unpadded, right- and left-padded, pads inside a row), export
-transformers reloads, LoRA on the fused attention kernel equal to PEFT's (logits and gradients), PEFT's module
-names, and sharded + remat gradients equal to the single-device ones.
-
-Reference models are tiny random transformers models saved with `save_pretrained`, weights redrawn at a scale where
-logits are O(1) and norms/biases are non-trivial, so a mis-mapped tensor (or a wrong q/k/v split of a fused kernel,
-or a wrong ALiBi slope) cannot hide under the tolerance.
+"""BLOOM and GPT-2: float32 logits parity with transformers (unpadded, right- and left-padded, pads inside a row),
+export that transformers reloads, LoRA on the fused attention kernel equal to PEFT's (logits and gradients), PEFT's
+module names, and sharded + remat gradients equal to the single-device ones.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from flax import traverse_util
 import jaxlora
 import tiny
 from jaxlora import cli, lora as L
-from jaxlora.generate import _decode_fn, generate_ids, sample_logits
+from jaxlora.generation import _decode_fn, generate_ids, sample_logits
 from jaxlora.lora import LoraConfig
 from jaxlora.lora_weights import LoraWeights
 from jaxlora.peft_format import export_peft
@@ -102,6 +102,20 @@ def test_greedy_equals_transformers(folder, model, prompts, adapter, with_adapte
     assert ours == refs
     if with_adapter:  # the adapter changes what is generated
         assert ours != generate_ids(model, model.params, prompts, max_new_tokens=NEW, eos_token_id=EOS)
+
+
+def test_sliding_window_and_qkv_bias_variants(tmp_path, prompts):
+    """Mistral with a window shorter than the prompts (the cache mask applies it) and Qwen2 (q/k/v biases)."""
+    for arch, extra in (("mistral", dict(sliding_window=5)), ("qwen2", dict(use_sliding_window=False))):
+        torch.manual_seed(1)
+        hf = transformers.AutoModelForCausalLM.from_config(tiny.tiny_hf_config(arch, **extra)).eval()
+        with torch.no_grad():
+            for key, p in hf.named_parameters():
+                p.uniform_(0.5, 1.5) if key.endswith("norm.weight") else p.normal_(0.0, 0.2)
+        hf.save_pretrained(tmp_path / arch)
+        m = jaxlora.from_pretrained(tmp_path / arch)
+        ours = generate_ids(m, m.params, prompts, max_new_tokens=NEW, eos_token_id=EOS, pad_token_id=PAD)
+        assert ours == [hf_greedy(hf, p) for p in prompts], arch
 
 
 def test_each_row_stops_at_its_eos(folder, model, prompts):

@@ -264,3 +264,22 @@ def test_interrupted_export_leaves_nothing_half_written(source, tmp_path, monkey
     else:
         assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == (["export"] if existing else [])
+
+
+def test_checkpoint_without_base_prefix_loads(tmp_path):
+    """Hub GPT-2 / BLOOM checkpoints store 'h.0.attn...' without 'transformer.': reading accepts both forms."""
+    import transformers
+    from safetensors.numpy import load_file, save_file
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    save_file({k.removeprefix("transformer."): v for k, v in tensors.items()}, str(tmp_path / "model.safetensors"),
+              metadata={"format": "pt"})
+    model = jaxlora.from_pretrained(tmp_path)
+    ids = np.arange(12)[None] % 128
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    assert np.abs(np.asarray(model.apply(model.params, ids)) - ref).max() < 1e-4

@@ -14,6 +14,10 @@ Sign convention: a singular pair (u_i, v_i) is defined up to a common sign, and 
 arbitrary sign, and so does the residual W - s*B@A. Comparisons therefore flip each reference vector to the sign
 jaxlora chose, then rebuild the reference residual from the aligned reference factors (float64).
 
+Models live on a single-device mesh except in the sharding test (5), which runs the same init on the 8-device
+data mesh and on data=2 x fsdp=2 x tensor=2: on 8 simulated CPU devices every small eager op of the init is an
+8-way launch, which would multiply this module's run time for no extra coverage.
+
 Several tests reuse one real gradient estimate instead of re-running `estimate_gradients` for every configuration
 (`_use_gradients`): the gradient does not depend on r, direction, scale or svd method, it is checked against torch
 float64 once (`test_gradient_matches_torch_float64`), the unpatched end-to-end path is exercised by the `ga_exact`,
@@ -56,7 +60,8 @@ REF_FACTOR_RTOL = 1e-4  # a0/b0 vs float64 reference, relative to the factor's m
 REF_RESIDUAL_ATOL = 1e-5  # residual base vs float64 reference (kernels are O(0.2), float32)
 GRAD_RTOL = 1e-4  # jaxlora float32 gradient vs torch float64, relative to the gradient's max-abs
 PEFT_ATOL = 1e-4  # adapters and residual vs PEFT, float32
-STEP0_ATOL_F32 = 1e-5  # logits with (residual, lora) vs the base model, float32 (logits are O(1))
+STEP0_RTOL_F32 = 1e-5  # logits with (residual, lora) vs the base model, float32: max-abs / max|logits|
+#                        (~85 float32 ulps of the largest logit, through 2 layers, norms and the vocab projection)
 MESH_ATOL = 1e-5  # sharded vs single-device init
 OVERLAP_MIN = 0.99  # randomized / streaming vs exact subspace overlap at the defaults
 
@@ -113,14 +118,18 @@ def batches():
     return _make_batches(0)
 
 
+def _single_device_mesh():
+    return sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+
+
 @pytest.fixture(scope="module")
 def model64(folder64):
-    return jaxlora.from_pretrained(folder64)  # default mesh: the 8 devices on the data axis
+    return jaxlora.from_pretrained(folder64, mesh=_single_device_mesh())
 
 
 @pytest.fixture(scope="module")
 def model16(folder16):
-    return jaxlora.from_pretrained(folder16)
+    return jaxlora.from_pretrained(folder16, mesh=_single_device_mesh())
 
 
 def _cfg(targets=ALL, r=R, alpha=ALPHA, use_rslora=False, **ga) -> LoraConfig:
@@ -174,7 +183,7 @@ def ga_exact(model64, batches):
     t0 = time.perf_counter()
     out = _init(model64, _cfg(ALL), batches)
     jax.block_until_ready(out)
-    _report("time ga_exact (unpatched lora_ga_init, 8-device mesh)", f"{time.perf_counter() - t0:.1f}s")
+    _report("time ga_exact (unpatched lora_ga_init, compiles the gradient step)", f"{time.perf_counter() - t0:.1f}s")
     return out
 
 
@@ -480,10 +489,11 @@ def test_step0_unchanged_float32(model64, batches, inits, method):
     # the adapter is not a no-op on its own: without the residual the logits move
     moved = np.abs(_logits(model64, model64.params, lora, batches[0]) - _logits(model64, model64.params, None,
                                                                                    batches[0])).max()
-    _report(f"step-0 float32 {method}", f"max-abs {worst:.1e} (logits max {scale:.1f}; adapter alone moves "
-                                        f"them by {moved:.2f})")
+    _report(f"step-0 float32 {method}", f"max-abs {worst:.1e} = {worst / scale:.1e} x max|logits| {scale:.1f} "
+                                        f"(tol {STEP0_RTOL_F32:.0e}x); the adapter without the residual moves "
+                                        f"them by {moved:.2f}")
     assert moved > 1e-2
-    assert worst < STEP0_ATOL_F32
+    assert worst < STEP0_RTOL_F32 * scale
 
 
 def test_step0_unchanged_bfloat16(folder64, batches):
@@ -491,8 +501,8 @@ def test_step0_unchanged_bfloat16(folder64, batches):
     logits may move by bf16 rounding, which is measured here as the bf16 model's own distance to its float32
     evaluation (same bf16 weights, float32 compute). Bound: 2x that, and < 4 bf16 ulps (2^-8 relative) of the max
     logit."""
-    m16 = jaxlora.from_pretrained(folder64, dtype="bfloat16")
-    m32 = jaxlora.from_pretrained(folder64)  # float32 copy of the bf16-rounded weights for the noise floor
+    m16 = jaxlora.from_pretrained(folder64, dtype="bfloat16", mesh=_single_device_mesh())
+    m32 = jaxlora.from_pretrained(folder64, mesh=_single_device_mesh())  # float32 compute for the noise floor
     p32 = jax.tree.map(lambda x: x.astype(jnp.float32), m16.params)
     lora, residual = _init(m16, _cfg(ALL), batches)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(residual))
@@ -570,14 +580,13 @@ def test_first_step_follows_full_finetuning(monkeypatch, model64, batches, grads
 # ---------------------------------------------------------------------------------------------- 5. sharding
 
 
-@pytest.mark.parametrize("mesh_cfg", [MeshConfig(data=2, fsdp=2, tensor=2)], ids=["data2_fsdp2_tensor2"])
-def test_sharded_equals_single_device(folder64, batches, ga_exact, mesh_cfg):
-    single = jaxlora.from_pretrained(folder64, mesh=sharding.make_mesh(MeshConfig(data=1),
-                                                                       devices=jax.devices()[:1]))
-    other = jaxlora.from_pretrained(folder64, mesh=sharding.make_mesh(mesh_cfg))
-    ref_lora, ref_res = _init(single, _cfg(ALL), batches)
-    runs = {"data8": ga_exact, str(mesh_cfg): _init(other, _cfg(ALL), batches)}
-    ref_items, ref_k = _items(ref_lora), _flat_kernels(ref_res)
+def test_sharded_equals_single_device(folder64, batches, ga_exact):
+    """ga_exact (single device) against the same unpatched init on the 8-device data mesh (the batch of 4 rows is
+    replicated there) and on data=2 x fsdp=2 x tensor=2 (kernels split over fsdp and tensor, batch over data x fsdp)."""
+    meshes = {"data8": MeshConfig(data=8), "data2_fsdp2_tensor2": MeshConfig(data=2, fsdp=2, tensor=2)}
+    runs = {k: _init(jaxlora.from_pretrained(folder64, mesh=sharding.make_mesh(m)), _cfg(ALL), batches)
+            for k, m in meshes.items()}
+    ref_items, ref_k = _items(ga_exact[0]), _flat_kernels(ga_exact[1])
     worst = {}
     for key, (lora, res) in runs.items():
         items, k = _items(lora), _flat_kernels(res)
@@ -587,7 +596,7 @@ def test_sharded_equals_single_device(folder64, batches, ga_exact, mesh_cfg):
                 errs.append(np.abs(np.asarray(getattr(items[p], f)) - np.asarray(getattr(w, f))).max())
             errs.append(np.abs(k[p] - ref_k[p]).max())
         worst[key] = max(errs)
-    sh_lora = _items(runs[str(mesh_cfg)][0])
+    sh_lora = _items(runs["data2_fsdp2_tensor2"][0])
     q = sh_lora[("model", "layers", "self_attn", "q_proj")]
     assert q.a.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
     assert q.b0.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")

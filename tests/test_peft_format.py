@@ -202,6 +202,21 @@ def test_base_modifying_adapter_exports_for_the_original_base(folder, model, ids
     np.testing.assert_allclose(jax_logits(model, ids, lora=again), ours, atol=ATOL, rtol=0)
 
 
+def test_real_lora_ga_init_exports_for_the_original_base(folder, model, ids, tmp_path):
+    """jaxlora.lora_ga_init's adapter (moved as training would) through PEFT on the unmodified checkpoint."""
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights="lora_ga",
+                     lora_ga_config=jaxlora.LoraGAConfig(batch_size=2, num_batches=1, svd_method="exact"))
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}
+    lora, residual = jaxlora.lora_ga_init(model, cfg, [batch], progress=False)
+    assert all(w.modifies_base for _, w in L.lora_items(lora))
+    np.testing.assert_allclose(jax_logits(model, ids, residual, lora), jax_logits(model, ids), atol=ATOL, rtol=0)
+    trained = jax.tree.map(lambda w: LoraWeights(w.a * 1.5, w.b + 0.05, w.a0, w.b0, scale=w.scale), lora,
+                           is_leaf=L.is_lora_leaf)
+    out = export_peft(model, trained, cfg, tmp_path / "adapter")
+    check_parity("lora_ga_init", jax_logits(model, ids, residual, trained), peft_logits(folder, out, ids),
+                 jax_logits(model, ids))
+
+
 # ------------------------------------------------------------------------------------------ modules_to_save
 
 

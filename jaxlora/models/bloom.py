@@ -44,7 +44,7 @@ NAMES = NameTable(rules=(
     NameRule(r"transformer/h/(\w+_layernorm)/scale", "transformer.h.{layer}.{0}.weight"),
     NameRule(r"transformer/h/(\w+_layernorm)/bias", "transformer.h.{layer}.{0}.bias"),
     NameRule(r"lm_head/kernel", "lm_head.weight", transpose=True),
-), stack_name="h")
+), stack_name="h", base_prefix="transformer.")
 
 
 @dataclasses.dataclass(frozen=True)

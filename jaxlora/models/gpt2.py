@@ -37,7 +37,7 @@ NAMES = NameTable(rules=(
     NameRule(r"transformer/ln_f/bias", "transformer.ln_f.bias"),
     NameRule(r"lm_head/kernel", "lm_head.weight", transpose=True),  # nn.Linear, only when untied
 ), ignore=(r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias",),  # causal-mask buffers of older checkpoints
-    stack_name="h")
+    stack_name="h", base_prefix="transformer.")
 
 # HF ACT2FN names -> jax. The tanh forms (gelu_new, gelu_fast, gelu_pytorch_tanh) are one formula written three ways.
 ACTIVATIONS = {

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora import sharding
+from jaxlora import hf_checkpoint, sharding
 
 MIN_BUCKET = 16
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its jitted decode function
@@ -143,7 +143,7 @@ def generate_ids(model, params, prompt_ids: Sequence[Sequence[int]], *, lora=Non
         params, lora, jax.device_put(ids, batch_sharding), jax.device_put(mask, batch_sharding),
         jax.random.key(seed), jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
         jnp.asarray(eos, jnp.int32), jnp.int32(pad_token_id), max_new_tokens=max_new_tokens)
-    out = np.asarray(jax.device_get(out))[:len(prompt_ids)]
+    out = np.asarray(jax.device_get(hf_checkpoint._gather(out)))[:len(prompt_ids)]  # all processes take part
     rows = []
     for row in out.tolist():
         stop = next((i for i, t in enumerate(row) if t in eos), None)
