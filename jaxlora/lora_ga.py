@@ -148,14 +148,31 @@ def _lora_tree(targets, make) -> dict:
     return lora_lib.build_lora_tree(targets, make)
 
 
-def make_sketch_step(model):
-    """jit(acc, params, lora, batch) -> acc + dLoss/dlora: one compilation serves every sketch pass."""
+def _sketch_shardings(model, targets) -> dict:
+    """Shardings of the scale-1 sketch branches: a follows its kernel's input dim, b its output dim (as LoRA)."""
+    sh = model.lora_shardings(targets, lora_lib.LoraConfig())
+    return jax.tree.map(lambda w: dataclasses.replace(w, scale=1.0), sh, is_leaf=lambda x: isinstance(x, LoraWeights))
+
+
+def make_sketch_step(model, targets=None, rows: int | None = None):
+    """jit(acc, params, lora, batch) -> acc + dLoss/dlora: one compilation serves every sketch pass.
+
+    With `targets` and `rows` (the global batch rows) every input and output has a fixed sharding; without, the
+    jit is keyed on whatever shardings its arguments carry, and an uncommitted first accumulator, the committed
+    accumulators of later batches and the range/co-range factors each cost another compilation (6 for 4 passes)."""
     def accumulate(acc, params, lora, batch):
         grads = jax.grad(lambda lora: _mean_loss(model, params, lora, batch)[0])(lora)
         return jax.tree.map(jnp.add, acc, grads)
-    if "sketch" not in _steps(model):
-        _steps(model)["sketch"] = jax.jit(accumulate, donate_argnums=(0,))
-    return _steps(model)["sketch"]
+    if targets is None:
+        key, shardings = ("sketch",), {}
+    else:
+        sh = _sketch_shardings(model, targets)
+        key = ("sketch", tuple(t.path for t in targets), rows)
+        shardings = dict(in_shardings=(sh, model.param_shardings, sh,
+                                       sharding.batch_sharding(model.mesh, batch_size=rows)), out_shardings=sh)
+    if key not in _steps(model):
+        _steps(model)[key] = jax.jit(accumulate, donate_argnums=(0,), **shardings)
+    return _steps(model)[key]
 
 
 def sketch_pass(model, params, targets, batches, factors: dict, wrt: str, progress: bool = True,
@@ -165,9 +182,11 @@ def sketch_pass(model, params, targets, batches, factors: dict, wrt: str, progre
     `factors[path] = (a, b)` with a = 0 (wrt "a": returns G_K @ b^T) or b = 0 (wrt "b": returns a^T @ G_K).
     The model's output is unchanged by such a branch; the pass costs one LoRA backward per batch at rank q.
     """
-    step = step or make_sketch_step(model)
-    lora = _lora_tree(targets, lambda t: LoraWeights(*factors[t.path], scale=1.0))
-    acc = jax.tree.map(jnp.zeros_like, lora)
+    rows = batches[0]["input_ids"].shape[0] * jax.process_count()
+    step = step or make_sketch_step(model, targets, rows)
+    sh = _sketch_shardings(model, targets)  # committed like the step's outputs, so no pass recompiles
+    lora = jax.device_put(_lora_tree(targets, lambda t: LoraWeights(*factors[t.path], scale=1.0)), sh)
+    acc = jax.device_put(jax.tree.map(jnp.zeros_like, lora), sh)
     for batch in _progress(batches, f"LoRA-GA sketch ({wrt})", progress):
         acc = step(acc, params, lora, step_lib.place_batch(batch, model.mesh))
     return {p: (getattr(w, wrt) / len(batches)) for p, w in lora_lib.lora_items(acc)}
@@ -215,7 +234,7 @@ def streaming_factorize(model, params, targets, batches, ga: LoraGAConfig, progr
     """Top singular triplets of every target's gradient from sketches alone (2 + 2 * power passes)."""
     flat = traverse_util.flatten_dict(model.abstract_params)
     key = jax.random.key(ga.seed)
-    step = make_sketch_step(model)
+    step = make_sketch_step(model, targets, batches[0]["input_ids"].shape[0] * jax.process_count())
     shapes, omegas = {}, {}
     for i, t in enumerate(targets):
         shape = flat[t.path + ("kernel",)].shape
