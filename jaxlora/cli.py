@@ -4,6 +4,7 @@
     jaxlora eval   --config configs/smollm2_135m_cpu.yaml [--step N | --base]
     jaxlora export --config configs/smollm2_135m_cpu.yaml --out merged/ [--step N] [--format merged|peft]
     jaxlora import-peft --model DIR --adapter DIR          (validates a PEFT adapter against a model, prints a summary)
+    jaxlora plan --config configs/X.yaml --target v5p-32 [--slices 2] [--set ...]   (or: jaxlora plan --table)
     jaxlora generate --model DIR [--adapter DIR] --prompt "..." [--prompt ...] [--max-new-tokens N] [--chat]
 
 Errors a user can cause (bad config, data, model folder, checkpoint) end in one line on stderr and exit code 2.
@@ -54,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--chat", action="store_true", help="wrap each prompt with the tokenizer's chat template")
     c.add_argument("--dtype", default="float32", help="compute dtype, e.g. bfloat16")
     c.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    c = sub.add_parser("plan", help="AOT-compile the train step and LoRA-GA estimation for a TPU topology: memory, "
+                                    "fit, FLOPs, largest micro-batch (no weights, no accelerator needed)")
+    from jaxlora.plan import add_plan_arguments
+    add_plan_arguments(c)
     return p
 
 
@@ -108,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file operation at INFO
     try:
+        if args.command == "plan":
+            from jaxlora.plan import run_plan_command
+            return run_plan_command(args)
         if args.command in ("import-peft", "generate"):
             (_import_peft if args.command == "import-peft" else _generate)(args)
             return 0

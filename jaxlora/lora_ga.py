@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 
 def sketch_rank(cfg: LoraGAConfig, r: int, d_in: int, d_out: int) -> int:
     """Sketch columns q = 2r + oversampling, capped by the kernel's smaller dimension."""
-    extra = 2 * r if cfg.oversampling is None else cfg.oversampling
+    default = 4 * r if cfg.svd_method == "streaming" else 2 * r
+    extra = default if cfg.oversampling is None else cfg.oversampling
     return min(2 * r + extra, d_in, d_out)
 
 

@@ -26,7 +26,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +55,7 @@ CHIPS = {
     "v5e": ("v5e", "default", 1, 16 * GiB),
     "v6e": ("v6e", "default", 1, 32 * GiB),
 }
-_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v5": "v5p"}  # "v5:" in a topology name is v5p's prefix
+_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}  # Cloud TPU names of v5e slices
 TARGET_FORMS = ("v4-32, v5p-32, v5e-16 (or v5litepod-16), v6e-8: the Cloud TPU name (cores for v4/v5p, chips for "
                 "v5e/v6e); v4:2x2x4, v5:2x2x4, v5e:4x4, v6e:2x4: a libtpu topology name; cpu8: 8 host CPU devices")
 
@@ -98,7 +98,7 @@ def resolve_target(name: str, num_slices: int = 1) -> Target:
         return Target(name, "cpu", "cpu", None, 1, n, host // n)
     if m := re.fullmatch(r"(v\w+?)-(\d+)", name):  # Cloud TPU name
         chip = _ALIASES.get(m.group(1), m.group(1))
-        if chip not in CHIPS or chip == "v5" or m.group(1) == "v5":
+        if chip not in CHIPS:
             raise PlanError(f"unknown TPU target {name!r}; valid forms: {TARGET_FORMS}")
         prefix, _, cores, hbm = CHIPS[chip]
         count = int(m.group(2))
@@ -151,8 +151,8 @@ def target_devices(target: Target) -> list:
     except ImportError:
         raise PlanError(f"{target.name}: compiling for TPU needs libtpu: {LIBTPU_PIP}") from None
     from jax.experimental import topologies
-    bounds = (2, 2, 1) if target.chip in ("v4", "v5p") else (min(2, int(target.topology.split(":")[1].split("x")[0])),
-                                                           2, 1)
+    dims = [int(d) for d in target.topology.split(":")[1].split("x")]
+    bounds = (2, 2, 1) if len(dims) == 3 else (min(2, dims[0]), min(2, dims[1]), 1)  # chips per host
     try:
         topo = topologies.get_topology_desc(platform="tpu", topology_name=target.topology,
                                             chip_config_name=CHIPS[target.chip][1], chips_per_host_bounds=bounds,
@@ -182,6 +182,12 @@ SHAPES = {
 }
 
 
+# Hub ids of the same shapes, so the configs in configs/ plan offline.
+_HUB_SHAPES = {"meta-llama/Llama-2-7b-hf": "llama-2-7b", "meta-llama/Llama-2-7b-chat-hf": "llama-2-7b",
+               "meta-llama/Llama-2-13b-hf": "llama-2-13b", "meta-llama/Llama-2-13b-chat-hf": "llama-2-13b",
+               "meta-llama/Meta-Llama-3-70B": "llama-3-70b", "meta-llama/Meta-Llama-3-70B-Instruct": "llama-3-70b"}
+
+
 def hf_config_of(path: str) -> dict:
     """The HF config dict of `model.path`: a built-in shape (SHAPES), a local folder's config.json, or a hub id's
     config.json (only that file is downloaded)."""
@@ -197,6 +203,8 @@ def hf_config_of(path: str) -> dict:
         from huggingface_hub import hf_hub_download
         return json.loads(Path(hf_hub_download(path, "config.json")).read_text())
     except Exception as e:
+        if path in _HUB_SHAPES:  # offline: the shape is known
+            return dict(SHAPES[_HUB_SHAPES[path]])
         raise PlanError(f"model.path {path!r}: could not read its config.json from the hub ({e}); use a local "
                         f"folder or one of {', '.join(SHAPES)}") from None
 
@@ -249,7 +257,9 @@ class StepPlan:
 
 
 def _bytes(x, s) -> int:
-    """Per-chip bytes of one array of a compiled program's inputs (its shard)."""
+    """Per-chip bytes of one array of a compiled program's inputs (its shard); `s` is its sharding, or a
+    ShapeDtypeStruct carrying one."""
+    s = s.sharding if isinstance(s, jax.ShapeDtypeStruct) else s
     shape = s.shard_shape(x.shape) if s is not None and hasattr(s, "shard_shape") else x.shape
     return math.prod(shape) * jnp.dtype(x.dtype).itemsize
 
@@ -283,7 +293,7 @@ def compile_step(name: str, jitted, args: tuple, *, rows: int, per_chip: int, se
     """Lowers and compiles `jitted` at `args` (ShapeDtypeStructs); RESOURCE_EXHAUSTED is "does not fit".
 
     `parts(input_shardings)` splits the per-chip input bytes by meaning, using the shardings the compiled program
-    actually takes (jit may choose them for inputs without one).
+    actually takes (jit may choose them for inputs without one); if it does not compile, the requested ones.
     """
     t0 = time.perf_counter()
     try:
@@ -292,8 +302,8 @@ def compile_step(name: str, jitted, args: tuple, *, rows: int, per_chip: int, se
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         log.debug("%s: %s", name, e)
-        return StepPlan(name, rows, per_chip, seq_len, False, None, {}, flops, None, time.perf_counter() - t0,
-                        over_bytes=_gib_over(str(e)) or 1)
+        return StepPlan(name, rows, per_chip, seq_len, False, None, parts(args), flops, None,
+                        time.perf_counter() - t0, over_bytes=_gib_over(str(e)) or 1)
     dt = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     memory = Memory(ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.alias_size_in_bytes,
@@ -506,9 +516,10 @@ class PlanReport:
             if p is self.largest:
                 title = "largest that fits: " + title
             lines.append(f"{title}: {_fmt_fit(p)}, compiled in {p.compile_s:.1f}s")
-            if p.memory:
+            if p.parts:
                 lines.append("    per chip: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in p.parts.items())
-                             + f"; total {fmt_bytes(p.peak)}")
+                             + (f"; total {fmt_bytes(p.peak)}" if p.memory else "; temporaries: over HBM"))
+            if p.memory:
                 xla = f"{p.flops_xla:.3g}/chip (scans counted once)" if p.flops_xla else "n/a"
                 lines.append(f"    FLOPs/step: {p.flops:.3g} analytic (all chips); XLA {xla}")
         for r in self.search:
@@ -564,8 +575,8 @@ def plan(config: RunConfig, target: str, *, num_slices: int = 1, micro_batch: in
         if largest is None:
             need = f"{fmt_bytes(first.peak)}/chip, " if first.peak else ""
             message = (f"does not fit: micro-batch 1 per chip needs {need}{fmt_bytes(first.over_bytes)} over "
-                       f"the {budget / GiB:.1f} GiB per chip of {tgt.describe()}; use more chips, a larger fsdp "
-                       f"split, remat (model.remat: full), a shorter max_length or a bf16 base")
+                       f"the {fmt_bytes(budget)} per chip of {tgt.name}; use more chips or slices, a larger "
+                       f"fsdp split, model.remat: full, or a shorter data.max_length")
     report = PlanReport(tgt, config.model.path, model.config.num_params, dict(jmesh.shape), model.module.remat,
                         planner.seq_len, budget, train, largest, message=message)
     if lora_ga_steps:
@@ -639,11 +650,11 @@ def table(models=TABLE_MODELS, targets=TABLE_TARGETS, max_micro_batch: int = 256
             r = plan(table_config(shape, slices), name, num_slices=slices, micro_batch=1,
                      max_micro_batch=max_micro_batch)
             largest = f"{r.largest.per_chip} ({r.largest.peak / GiB:.1f})" if r.largest else "none fits"
-            w = r.train.parts if r.train.memory else {}
+            w = r.train.parts
+            state = (w.get("adapters", 0) + w.get("optimizer", 0)) / GiB
             rows.append(f"| {shape} | {'2 x ' if slices > 1 else ''}{name} | {r.hbm_bytes / GiB:.0f} "
-                        f"| {w.get('weights', 0) / GiB:.2f} / {(w.get('adapters', 0) + w.get('optimizer', 0)) / GiB:.2f} "
-                        f"| {_cell(r.train)} | {largest} | {_cell(r.lora_ga_exact)} | {_cell(r.lora_ga_streaming)} |")
-            progress(f"{shape} on {'2 x ' if slices > 1 else ''}{name}: {time.perf_counter() - t:.0f}s")
+                        f"| {w.get('weights', 0) / GiB:.2f} / {state:.2f} | {_cell(r.train)} | {largest} | {_cell(r.lora_ga_exact)} | {_cell(r.lora_ga_streaming)} |")
+            progress(f"{rows[-1]}  <- {time.perf_counter() - t:.0f}s")
     header = ("| model | target | HBM/chip | weights / adapters+Adam per chip | LoRA train, micro-batch 1/chip "
               "| largest micro-batch/chip (GiB) | LoRA-GA exact estimation | LoRA-GA streaming estimation |\n"
               "|---|---|---|---|---|---|---|---|")
@@ -654,3 +665,51 @@ def table(models=TABLE_MODELS, targets=TABLE_TARGETS, max_micro_batch: int = 256
             f"streaming = sketch step at rank 4r = 64. (+x) = GiB over HBM. Generated by `jaxlora plan --table` "
             f"in {time.perf_counter() - t0:.0f}s with jax {jax.__version__}.")
     return header + "\n" + "\n".join(rows) + "\n\n" + note + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def add_plan_arguments(c) -> None:
+    """`jaxlora plan`'s arguments (an argparse parser)."""
+    c.add_argument("--config", help="YAML run config (see configs/); model.path may be a folder, a hub id or one "
+                                    f"of {', '.join(SHAPES)}")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")
+    c.add_argument("--target", default="v5p-32", help=f"where to compile for: {TARGET_FORMS}")
+    c.add_argument("--slices", type=int, default=1, help="TPU slices (multislice over DCN)")
+    c.add_argument("--micro-batch", type=int, default=None,
+                   help="micro-batch rows per chip (default: train.micro_batch_size / (data x fsdp))")
+    c.add_argument("--no-search", action="store_true", help="skip the largest-micro-batch search")
+    c.add_argument("--max-micro-batch", type=int, default=256, help="upper bound of the search, per chip")
+    c.add_argument("--remat", choices=("none", "save_matmuls", "full"), default=None, help="override model.remat")
+    c.add_argument("--search-remat", action="store_true", help="also search the remat policies")
+    c.add_argument("--search-mesh", action="store_true", help="also search (fsdp, tensor) splits")
+    c.add_argument("--no-lora-ga", action="store_true", help="skip LoRA-GA's estimation steps")
+    c.add_argument("--hbm-gib", type=float, default=None, help="per-chip memory budget (default: the chip's HBM)")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.add_argument("--table", action="store_true", help="compute the README table (7B/13B/70B on v4-32, v5e-16, "
+                                                       "v5p-32, 2 x v5p-32) and write it to --out")
+    c.add_argument("--out", default="docs/plan_table.md", help="where --table writes")
+    c.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def run_plan_command(args) -> int:
+    """0 when the run fits, 1 when it does not; bad input raises (the CLI prints one line and exits 2)."""
+    if args.table:
+        text = table(max_micro_batch=args.max_micro_batch)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("# `jaxlora plan --table`\n\n" + text)
+        print(text + f"\nwritten to {args.out}")
+        return 0
+    if not args.config:
+        raise PlanError("jaxlora plan needs --config (or --table)")
+    from jaxlora.config import load_run_config
+    config = load_run_config(args.config, args.overrides)
+    report = plan(config, args.target, num_slices=args.slices, micro_batch=args.micro_batch,
+                  search=not args.no_search, remat=args.remat, lora_ga_steps=not args.no_lora_ga,
+                  search_remat=args.search_remat, search_mesh=args.search_mesh,
+                  hbm_bytes=int(args.hbm_gib * GiB) if args.hbm_gib else None,
+                  max_micro_batch=args.max_micro_batch)
+    print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.format())
+    return 0 if report.fits else 1

