@@ -406,8 +406,8 @@ def lora_ga_init(model, lora_config, batches: Iterable[Mapping[str, Any]], *, pa
 
     t0 = time.perf_counter()
     if ga.svd_method == "streaming":
-        triplets = streaming_factorize(model, params, targets, batches, ga, progress)
-        t_est = time.perf_counter() - t0
+        triplets = jax.block_until_ready(streaming_factorize(model, params, targets, batches, ga, progress))
+        t_est = time.perf_counter() - t0  # the passes are dispatched asynchronously: time them to completion
         t_fact = 0.0
         for t in targets:
             names = lora_lib.module_names(t.path, model.config.num_hidden_layers, model.names.stack_name)

@@ -95,14 +95,14 @@ def test_bench_loraga_quick(tmp_path):
     assert med["lora-step-q"]["rank"] == res["q"] and med["lora-step-r"]["rank"] == res["args"]["r"]
     md = out_md.read_text()
     header = next(line for line in md.splitlines() if line.startswith("| variant"))
-    for col in ("estimation s", "factorization s", "total s", "PEFT / this (time)", "peak RSS MB", "delta MB",
-                "delta / LoRA step q="):
+    for col in ("estimation s", "factorization s", "total s", "PEFT / this", "peak RSS MB", "delta MB",
+                "delta / LoRA step r=", "delta / LoRA step q="):
         assert col in header
     assert re.search(r"Machine: \d+ CPUs", md) and "load average" in md
     rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
     assert len(rows) == len(variants.split(","))
     peft_row = next(r for r in rows if r.startswith("| peft |"))
-    assert "| 1.00 |" in peft_row  # PEFT / PEFT
+    assert "| 1.00; 1.00 |" in peft_row  # PEFT / PEFT (median; min)
 
 
 if __name__ == "__main__":
