@@ -72,14 +72,21 @@ def param_labels(trainable) -> dict:
     return jax.tree_util.tree_map_with_path(label, trainable)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optimizer over the trainable tree, and the base learning-rate schedule (for logging)."""
+def make_optimizer(cfg: OptimConfig, total_steps: int,
+                   trainable=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer over the trainable tree, and the base learning-rate schedule (for logging).
+
+    With `trainable`, only the groups its leaves use are built, so a run carries no state (nor checkpoint entries)
+    for groups it has no parameters in (e.g. "frozen" outside LoRA-GA, "full" without modules_to_save).
+    """
     def adamw(peak):
         return optax.adamw(make_schedule(cfg, total_steps, peak), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                            weight_decay=cfg.weight_decay)
     lr = cfg.learning_rate
-    groups = {"lora_a": adamw(lr), "lora_b": adamw(lr * cfg.loraplus_lr_ratio),
-              "full": adamw(cfg.modules_to_save_lr or lr), "frozen": optax.set_to_zero()}
+    groups = {"lora_a": lambda: adamw(lr), "lora_b": lambda: adamw(lr * cfg.loraplus_lr_ratio),
+              "full": lambda: adamw(cfg.modules_to_save_lr or lr), "frozen": optax.set_to_zero}
+    used = set(jax.tree.leaves(param_labels(trainable))) if trainable is not None else set(groups)
+    groups = {name: make() for name, make in groups.items() if name in used}
     tx = optax.multi_transform(groups, param_labels)
     if cfg.max_grad_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), tx)

@@ -355,7 +355,7 @@ class _Planner:
                                                      lora_lib.split_modules_to_save(p, lc.modules_to_save)),
                               model.abstract_params)
         trainable = {"lora": lora, "full": full}
-        tx, schedule = optim.make_optimizer(cfg.optim, cfg.train.max_steps or 1000)
+        tx, schedule = optim.make_optimizer(cfg.optim, cfg.train.max_steps or 1000, trainable)
         trainable_sh = step_lib.trainable_shardings_for(model, targets, lc, full)
         rng = jax.ShapeDtypeStruct((2,), jnp.uint32)  # jax.random.PRNGKey
         self.state, state_sh = step_lib.abstract_state(trainable, tx, rng, trainable_sh, self.mesh)

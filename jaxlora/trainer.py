@@ -164,7 +164,7 @@ def train(config: RunConfig) -> TrainResult:
             ga_batches=lora_ga_batches(config, train_data, tokenizer) if is_ga and not resuming else None)
         if is_ga and not resuming:
             log.info("LoRA-GA initialization: %.1fs", time.perf_counter() - t_init)
-        tx, schedule = optim.make_optimizer(config.optim, total_steps)
+        tx, schedule = optim.make_optimizer(config.optim, total_steps, trainable)
         trainable_sh = step_lib.trainable_shardings_for(model, targets, config.lora, trainable["full"])
         state, state_sh = step_lib.init_state(trainable, tx, state_rng, trainable_sh, mesh)
         train_step = step_lib.jit_train_step(
@@ -258,7 +258,7 @@ def loss_history(output_dir: str | Path) -> list[dict]:
 def restore_trainable(config: RunConfig, model: Model, step: int | None = None):
     """The trainable tree ({"lora", "full"}) of a run's checkpoint (latest by default), in its shardings."""
     trainable, targets, _ = build_trainable(model, config, jax.random.PRNGKey(config.train.seed), template_only=True)
-    tx, _ = optim.make_optimizer(config.optim, 1)
+    tx, _ = optim.make_optimizer(config.optim, 1, trainable)
     trainable_sh = step_lib.trainable_shardings_for(model, targets, config.lora, trainable["full"])
     template, _ = step_lib.init_state(trainable, tx, jax.random.PRNGKey(0), trainable_sh, model.mesh)
     checkpointer = ckpt_lib.Checkpointer(Path(config.train.output_dir) / "checkpoints")
