@@ -30,9 +30,9 @@ def train_flops_per_token(model, seq_len: int, full_finetune: bool = False) -> f
     return (6 if full_finetune else 4) * n + 3 * attention
 
 
-def measure_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    """Measured float32 matmul FLOP/s of one device (best of `repeats`)."""
-    x = jnp.ones((n, n), jnp.float32)
+def measure_peak_flops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """Measured matmul FLOP/s of one device (best of `repeats`) for an n x n `dtype` matmul."""
+    x = jnp.ones((n, n), jnp.dtype(dtype))
     f = jax.jit(lambda a: a @ a)
     f(x).block_until_ready()
     best = float("inf")

@@ -232,26 +232,12 @@ class JaxWorker:
         from jaxlora.metrics import measure_peak_flops
         if self.jax.default_backend() == "cpu":
             return measure_peak_flops()
-        return _jax_matmul_peak(dtype)
+        # a 2048^2 float32 matmul is too small for an accelerator: measure in the compute dtype at 8192^2
+        return measure_peak_flops(n=8192, repeats=10, dtype=dtype)
 
     def device_memory_mb(self) -> float | None:
         stats = self.jax.devices()[0].memory_stats() or {}
         return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
-
-
-def _jax_matmul_peak(dtype: str, n: int = 8192, repeats: int = 10) -> float:
-    """Measured matmul FLOP/s of an accelerator in the compute dtype (a 2048^2 float32 matmul is too small there)."""
-    import jax
-    import jax.numpy as jnp
-    x = jnp.ones((n, n), jnp.dtype(dtype))
-    f = jax.jit(lambda a: a @ a)
-    f(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
 
 
 class PeftWorker:
