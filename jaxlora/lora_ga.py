@@ -28,6 +28,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -90,11 +91,62 @@ def _check_statistic(names: list[str], value, stacked: bool) -> None:
 # ---------------------------------------------------------------------------------------------- estimation
 
 
-def _mean_loss(model, params, lora, batch):
-    """Per-batch mean token loss (as training) and its token count."""
-    logits = model.apply(params, batch["input_ids"], batch["attention_mask"], lora=lora)
-    total, count = step_lib.token_loss_sums(logits, batch["labels"])
-    return total / jnp.maximum(count, 1.0), count
+def _mean_loss(model, params, lora, batch, groups: int = 1):
+    """Sum over the batch's `groups` (its "group" row ids; all rows one group without) of each group's mean token
+    loss, as training computes it per batch; and the token count."""
+    if "group" not in batch:
+        total, count = model.loss_sums(params, batch, lora)
+        return total / jnp.maximum(count, 1.0), count
+    total_r, count_r = model.loss_sums(params, batch, lora, per_row=True)
+    total_g = jax.ops.segment_sum(total_r, batch["group"], groups)
+    count_g = jax.ops.segment_sum(count_r, batch["group"], groups)
+    return jnp.sum(total_g / jnp.maximum(count_g, 1.0)), jnp.sum(count_g)
+
+
+BATCH_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def batch_shardings(mesh, rows: int, groups: int) -> dict:
+    """Shardings of a (packed) estimation batch of `rows` global rows: (rows, T) arrays and the (rows,) group ids."""
+    out = {key: sharding.batch_sharding(mesh, batch_size=rows) for key in BATCH_KEYS}
+    if groups > 1:
+        out["group"] = sharding.batch_sharding(mesh, ndim=1, batch_size=rows)
+    return out
+
+
+def pack_factor(rows: int, divisor: int) -> int:
+    """How many `rows`-row estimation batches one packed global batch holds: the fewest whose rows the mesh's
+    batch axes (`divisor` = data x fsdp) divide."""
+    return divisor // math.gcd(rows, divisor)
+
+
+def pack_batches(batches: list[dict], divisor: int) -> tuple[list[dict], int]:
+    """Estimation batches (this process's rows) -> packed batches the mesh divides, and the groups per packed batch.
+
+    LoRA-GA's statistic is the mean over batches of each batch's mean-loss gradient (the official code samples
+    2-example batches). A 2-row batch does not split over a pod slice's chips, so each chip would run it whole and
+    hold all its activations. Packing k consecutive batches into one global batch (k = `pack_factor`) gives every
+    chip rows / chips of it and leaves the statistic exactly the same: each row carries its batch's index ("group")
+    and the loss is the sum over groups of each group's mean (gradients are linear). Batches of different lengths are
+    right-padded to the longest (mask 0, labels -100: causal attention never sees them); the last packed batch is
+    completed with empty groups (every label -100), which add nothing.
+    """
+    rows = batches[0]["input_ids"].shape[0]
+    k = pack_factor(rows * jax.process_count(), divisor)
+    if k == 1:
+        return [{key: b[key] for key in BATCH_KEYS} for b in batches], 1
+    packed = []
+    for start in range(0, len(batches), k):
+        chunk = batches[start:start + k]
+        chunk = chunk + [{**chunk[0], "labels": np.full_like(chunk[0]["labels"], step_lib.IGNORE_INDEX)}] \
+            * (k - len(chunk))
+        t = max(b["input_ids"].shape[1] for b in chunk)
+        fill = {"input_ids": 0, "attention_mask": 0, "labels": step_lib.IGNORE_INDEX}
+        packed.append({key: np.concatenate([np.pad(np.asarray(b[key]), ((0, 0), (0, t - b[key].shape[1])),
+                                                   constant_values=value) for b in chunk])
+                       for key, value in fill.items()}
+                      | {"group": np.repeat(np.arange(k, dtype=np.int32), rows)})
+    return packed, k
 
 
 def _kernel_subtree(params, targets) -> dict:
@@ -108,15 +160,16 @@ def _steps(model) -> dict:
     return vars(model).setdefault("_lora_ga_steps", {})
 
 
-def make_estimate_step(model, targets, rows: int):
-    """jit(acc, count, params, batch) -> (acc + dL/dK, count + tokens) for `rows`-row global batches: the exact
-    estimation's one compiled step (float32 accumulators sharded like their kernels). `jaxlora.plan` compiles it."""
+def make_estimate_step(model, targets, rows: int, groups: int = 1):
+    """jit(acc, count, params, batch) -> (acc + dL/dK, count + tokens) for `rows`-row global batches packing `groups`
+    estimation batches: the exact estimation's one compiled step (float32 accumulators sharded like their kernels).
+    `jaxlora.plan` compiles it."""
     kernel_sh = _kernel_subtree(model.param_shardings, targets)
-    key = ("gradient", tuple(t.path for t in targets), rows)
+    key = ("gradient", tuple(t.path for t in targets), rows, groups)
 
     def accumulate(acc, count, params, batch):
         def loss(kernels32):
-            return _mean_loss(model, lora_lib.overlay(params, kernels32), None, batch)
+            return _mean_loss(model, lora_lib.overlay(params, kernels32), None, batch, groups)
         kernels32 = jax.tree.map(lambda k: k.astype(jnp.float32), _kernel_subtree(params, targets))
         (_, n), g = jax.value_and_grad(loss, has_aux=True)(kernels32)
         return jax.tree.map(jnp.add, acc, g), count + n
@@ -124,7 +177,7 @@ def make_estimate_step(model, targets, rows: int):
     rep = sharding.replicated(model.mesh)
     if key not in _steps(model):
         _steps(model)[key] = jax.jit(accumulate, in_shardings=(kernel_sh, rep, model.param_shardings,
-                                                               sharding.batch_sharding(model.mesh, batch_size=rows)),
+                                                               batch_shardings(model.mesh, rows, groups)),
                                      out_shardings=(kernel_sh, rep), donate_argnums=(0, 1))
     return _steps(model)[key]
 
@@ -132,8 +185,10 @@ def make_estimate_step(model, targets, rows: int):
 def estimate_gradients(model, params, targets, batches: list[dict], progress: bool = True):
     """float32 mean over batches of dL/dK for the targeted kernels only (nothing else is differentiated)."""
     kernel_sh = _kernel_subtree(model.param_shardings, targets)
+    n_batches = len(batches)
+    batches, groups = pack_batches(batches, sharding.batch_divisor(model.mesh))
     rows = batches[0]["input_ids"].shape[0] * jax.process_count()
-    step = make_estimate_step(model, targets, rows)
+    step = make_estimate_step(model, targets, rows, groups)
     zeros = jax.jit(lambda: jax.tree.map(lambda k: jnp.zeros(k.shape, jnp.float32),
                                          _kernel_subtree(model.abstract_params, targets)),
                     out_shardings=kernel_sh)
@@ -142,7 +197,7 @@ def estimate_gradients(model, params, targets, batches: list[dict], progress: bo
         acc, count = step(acc, count, params, step_lib.place_batch(batch, model.mesh))
     if float(count) == 0:
         raise LoraGAError("LoRA-GA: every label of the estimation batches is masked (-100); no gradient")
-    return jax.tree.map(lambda g: g / len(batches), acc)
+    return jax.tree.map(lambda g: g / n_batches, acc)
 
 
 def _lora_tree(targets, make) -> dict:
@@ -155,29 +210,30 @@ def _sketch_shardings(model, targets) -> dict:
     return jax.tree.map(lambda w: dataclasses.replace(w, scale=1.0), sh, is_leaf=lambda x: isinstance(x, LoraWeights))
 
 
-def make_sketch_step(model, targets=None, rows: int | None = None):
+def make_sketch_step(model, targets=None, rows: int | None = None, groups: int = 1):
     """jit(acc, params, lora, batch) -> acc + dLoss/dlora: one compilation serves every sketch pass.
 
-    With `targets` and `rows` (the global batch rows) every input and output has a fixed sharding; without, the
-    jit is keyed on whatever shardings its arguments carry, and an uncommitted first accumulator, the committed
-    accumulators of later batches and the range/co-range factors each cost another compilation (6 for 4 passes)."""
+    With `targets` and `rows` (the global batch rows, packing `groups` estimation batches) every input and output has
+    a fixed sharding; without, the jit is keyed on whatever shardings its arguments carry, and an uncommitted first
+    accumulator, the committed accumulators of later batches and the range/co-range factors each cost another
+    compilation (6 for 4 passes)."""
     def accumulate(acc, params, lora, batch):
-        grads = jax.grad(lambda lora: _mean_loss(model, params, lora, batch)[0])(lora)
+        grads = jax.grad(lambda lora: _mean_loss(model, params, lora, batch, groups)[0])(lora)
         return jax.tree.map(jnp.add, acc, grads)
     if targets is None:
-        key, shardings = ("sketch",), {}
+        key, shardings = ("sketch", groups), {}
     else:
         sh = _sketch_shardings(model, targets)
-        key = ("sketch", tuple(t.path for t in targets), rows)
-        shardings = dict(in_shardings=(sh, model.param_shardings, sh,
-                                       sharding.batch_sharding(model.mesh, batch_size=rows)), out_shardings=sh)
+        key = ("sketch", tuple(t.path for t in targets), rows, groups)
+        shardings = dict(in_shardings=(sh, model.param_shardings, sh, batch_shardings(model.mesh, rows, groups)),
+                         out_shardings=sh)
     if key not in _steps(model):
         _steps(model)[key] = jax.jit(accumulate, donate_argnums=(0,), **shardings)
     return _steps(model)[key]
 
 
 def sketch_pass(model, params, targets, batches, factors: dict, wrt: str, progress: bool = True,
-                step=None) -> dict:
+                step=None, n_batches: int | None = None) -> dict:
     """Mean over batches of the gradient w.r.t. `wrt` ("a" or "b") of zero-effect LoRA branches `factors`.
 
     `factors[path] = (a, b)` with a = 0 (wrt "a": returns G_K @ b^T) or b = 0 (wrt "b": returns a^T @ G_K).
@@ -190,7 +246,7 @@ def sketch_pass(model, params, targets, batches, factors: dict, wrt: str, progre
     acc = jax.device_put(jax.tree.map(jnp.zeros_like, lora), sh)
     for batch in _progress(batches, f"LoRA-GA sketch ({wrt})", progress):
         acc = step(acc, params, lora, step_lib.place_batch(batch, model.mesh))
-    return {p: (getattr(w, wrt) / len(batches)) for p, w in lora_lib.lora_items(acc)}
+    return {p: (getattr(w, wrt) / (n_batches or len(batches))) for p, w in lora_lib.lora_items(acc)}
 
 
 # ---------------------------------------------------------------------------------------------- factorization
@@ -235,7 +291,9 @@ def streaming_factorize(model, params, targets, batches, ga: LoraGAConfig, progr
     """Top singular triplets of every target's gradient from sketches alone (2 + 2 * power passes)."""
     flat = traverse_util.flatten_dict(model.abstract_params)
     key = jax.random.key(ga.seed)
-    step = make_sketch_step(model, targets, batches[0]["input_ids"].shape[0] * jax.process_count())
+    n_batches = len(batches)
+    batches, groups = pack_batches(batches, sharding.batch_divisor(model.mesh))
+    step = make_sketch_step(model, targets, batches[0]["input_ids"].shape[0] * jax.process_count(), groups)
     shapes, omegas = {}, {}
     for i, t in enumerate(targets):
         shape = flat[t.path + ("kernel",)].shape
@@ -247,12 +305,12 @@ def streaming_factorize(model, params, targets, batches, ga: LoraGAConfig, progr
     def range_pass(b_rows):  # Y = G_K @ b^T per target, with a = 0
         factors = {p: (jnp.zeros((*lead, d_in, q), jnp.float32), b_rows[p])
                    for p, (lead, d_in, _, q) in shapes.items()}
-        return sketch_pass(model, params, targets, batches, factors, "a", progress, step)
+        return sketch_pass(model, params, targets, batches, factors, "a", progress, step, n_batches)
 
     def corange_pass(a_cols):  # Q^T G_K per target, with b = 0
         factors = {p: (a_cols[p], jnp.zeros((*lead, q, d_out), jnp.float32))
                    for p, (lead, _, d_out, q) in shapes.items()}
-        return sketch_pass(model, params, targets, batches, factors, "b", progress, step)
+        return sketch_pass(model, params, targets, batches, factors, "b", progress, step, n_batches)
 
     qs = {p: _orth(y) for p, y in range_pass(omegas).items()}
     for _ in range(ga.power_iters()):

@@ -96,8 +96,19 @@ class Model:
               deterministic: bool = True, dropout_rng: jax.Array | None = None) -> jax.Array:
         """Logits (B, T, vocab). `lora` is a LoRA tree (or None); dropout runs only when deterministic=False."""
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
-        return self.module.apply({"params": params}, input_ids, attention_mask, positions, lora,
-                                 deterministic=deterministic, rngs=rngs)
+        with sharding.activation_sharding(self.mesh, self.rules):
+            return self.module.apply({"params": params}, input_ids, attention_mask, positions, lora,
+                                     deterministic=deterministic, rngs=rngs)
+
+    def loss_sums(self, params, batch: dict, lora=None, *, per_row: bool = False, deterministic: bool = True,
+                  dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """The training loss of one batch as (sum over labelled targets, their count), float32; per batch row with
+        `per_row`. Training (`jaxlora.step`) and LoRA-GA's gradient estimation both call this, so a model with another
+        objective (a classifier) overrides it once: here, next-token cross entropy where labels are not -100."""
+        from jaxlora.step import token_loss_sums
+        logits = self.apply(params, batch["input_ids"], batch["attention_mask"], lora=lora,
+                            deterministic=deterministic, dropout_rng=dropout_rng)
+        return token_loss_sums(logits, batch["labels"], per_row=per_row)
 
     def apply_cached(self, params, input_ids, cache_mask, positions, cache, cache_index, lora=None):
         """One prefill or decode step with a KV cache: (logits (B, T, vocab), updated cache).
@@ -105,8 +116,9 @@ class Model:
         `input_ids`/`positions` (B, T) go to cache slots cache_index..cache_index+T-1; `cache_mask` (B, S) marks the
         slots that hold (or will hold) real tokens. See `init_cache` and `jaxlora.generate`.
         """
-        return self.module.apply({"params": params}, input_ids, cache_mask, positions, lora,
-                                 cache=cache, cache_index=cache_index)
+        with sharding.activation_sharding(self.mesh, self.rules):
+            return self.module.apply({"params": params}, input_ids, cache_mask, positions, lora,
+                                     cache=cache, cache_index=cache_index)
 
     def init_cache(self, batch: int, length: int):
         """A zeroed KV cache for `batch` rows of `length` slots, in the compute dtype, and its logical axes."""

@@ -30,6 +30,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 from flax import traverse_util
 
 from jaxlora import data as data_lib, lora as lora_lib, lora_ga, optim, sharding, step as step_lib
@@ -322,9 +323,13 @@ def _struct(tree, shardings):
                         shardings, tree, is_leaf=lambda s: s is None)
 
 
-def _batch(rows: int, seq_len: int, shard) -> dict:
-    return {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=shard)
-            for k in ("input_ids", "attention_mask", "labels")}
+def _batch(rows: int, seq_len: int, shard, groups: int = 1) -> dict:
+    batch = {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=shard)
+             for k in ("input_ids", "attention_mask", "labels")}
+    if groups > 1:  # LoRA-GA's packed estimation batches (lora_ga.pack_batches)
+        row_shard = NamedSharding(shard.mesh, P(shard.spec[0]))
+        batch["group"] = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row_shard)
+    return batch
 
 
 # ------------------------------------------------------------------------------------------------ the steps
@@ -411,33 +416,35 @@ class _Planner:
 
     # ---- LoRA-GA estimation: the steps lora_ga.lora_ga_init runs
     def _ga(self):
+        """The config, targets, global rows and groups of LoRA-GA's packed estimation batches (as lora_ga_init)."""
         ga = self.config.lora.lora_ga_config or LoraGAConfig()
-        return ga, self.model.lora_targets(self.config.lora), ga.batch_size
+        groups = lora_ga.pack_factor(ga.batch_size, self.divisor)
+        return ga, self.model.lora_targets(self.config.lora), ga.batch_size * groups, groups
 
     def lora_ga_exact(self) -> StepPlan:
         """lora_ga.estimate_gradients' step: float32 gradient accumulators for every targeted kernel."""
-        ga, targets, rows = self._ga()
+        ga, targets, rows, groups = self._ga()
         model = self.model
         kernels = lora_ga._kernel_subtree(model.abstract_params, targets)
         acc = _struct(jax.tree.map(lambda k: jax.ShapeDtypeStruct(k.shape, jnp.float32), kernels),
                       lora_ga._kernel_subtree(model.param_shardings, targets))
         count = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(self.mesh))
-        batch = _batch(rows, self.seq_len, sharding.batch_sharding(self.mesh, batch_size=rows))
+        batch = _batch(rows, self.seq_len, sharding.batch_sharding(self.mesh, batch_size=rows), groups)
 
         def parts(sh):
             return {"weights": _tree_bytes(self.params, sh[2]), "accumulators": _tree_bytes(acc, sh[0]),
                     "batch": _tree_bytes(batch, sh[3])}
 
         flops = rows * self.seq_len * train_flops_per_token(model, self.seq_len, full_finetune=True)
-        plan = compile_step("lora_ga_exact", lora_ga.make_estimate_step(model, targets, rows),
-                            (acc, count, self.params, batch), rows=rows, per_chip=rows, seq_len=self.seq_len,
+        plan = compile_step("lora_ga_exact", lora_ga.make_estimate_step(model, targets, rows, groups),
+                            (acc, count, self.params, batch), rows=rows, per_chip=rows // self.divisor, seq_len=self.seq_len,
                             flops=flops, hbm_bytes=self.hbm, parts=parts)
         log.info("  LoRA-GA exact estimation, batch %d: %s (%.1fs)", rows, _fmt_fit(plan), plan.compile_s)
         return plan
 
     def lora_ga_streaming(self) -> StepPlan:
         """lora_ga.streaming_factorize's sketch step: a LoRA backward at the sketch rank q = 2r + oversampling."""
-        ga, targets, rows = self._ga()
+        ga, targets, rows, groups = self._ga()
         model = self.model
         flat = traverse_util.flatten_dict(model.abstract_params)
 
@@ -447,7 +454,7 @@ class _Planner:
             return LoraWeights(jax.ShapeDtypeStruct((*lead, d_in, q), jnp.float32),
                                jax.ShapeDtypeStruct((*lead, q, d_out), jnp.float32), scale=1.0)
         lora = lora_lib.build_lora_tree(targets, sketch)  # as sketch_pass builds it: no sharding given
-        batch = _batch(rows, self.seq_len, sharding.batch_sharding(self.mesh, batch_size=rows))
+        batch = _batch(rows, self.seq_len, sharding.batch_sharding(self.mesh, batch_size=rows), groups)
 
         def parts(sh):
             return {"weights": _tree_bytes(self.params, sh[1]),
@@ -455,8 +462,8 @@ class _Planner:
                     "batch": _tree_bytes(batch, sh[3])}
 
         flops = rows * self.seq_len * train_flops_per_token(model, self.seq_len)
-        plan = compile_step("lora_ga_streaming", lora_ga.make_sketch_step(model), (lora, self.params, lora, batch),
-                            rows=rows, per_chip=rows, seq_len=self.seq_len, flops=flops, hbm_bytes=self.hbm,
+        plan = compile_step("lora_ga_streaming", lora_ga.make_sketch_step(model, groups=groups),
+                            (lora, self.params, lora, batch), rows=rows, per_chip=rows // self.divisor, seq_len=self.seq_len, flops=flops, hbm_bytes=self.hbm,
                             parts=parts)
         log.info("  LoRA-GA streaming estimation, batch %d: %s (%.1fs)", rows, _fmt_fit(plan), plan.compile_s)
         return plan
@@ -511,8 +518,10 @@ class PlanReport:
             if p is None or (p is self.largest and p.per_chip == self.train.per_chip):
                 continue
             title = {"train": f"LoRA train step, micro-batch {p.per_chip}/chip ({p.rows} rows x {p.seq_len})",
-                     "lora_ga_exact": f"LoRA-GA exact estimation step, batch {p.rows} x {p.seq_len}",
-                     "lora_ga_streaming": f"LoRA-GA streaming (sketch) step, batch {p.rows} x {p.seq_len}"}[p.name]
+                     "lora_ga_exact": f"LoRA-GA exact estimation step, packed batch {p.per_chip}/chip "
+                                      f"({p.rows} rows x {p.seq_len})",
+                     "lora_ga_streaming": f"LoRA-GA streaming (sketch) step, packed batch {p.per_chip}/chip "
+                                          f"({p.rows} rows x {p.seq_len})"}[p.name]
             if p is self.largest:
                 title = "largest that fits: " + title
             lines.append(f"{title}: {_fmt_fit(p)}, compiled in {p.compile_s:.1f}s")
@@ -623,7 +632,7 @@ TABLE_TARGETS = (("v4-32", 1), ("v5e-16", 1), ("v5p-32", 1), ("v5p-32", 2))
 def table_config(shape: str, num_slices: int = 1) -> RunConfig:
     """The table's run: bf16 base, LoRA r=16 (alpha 32) on all linear layers, sequence 2048, remat save_matmuls,
     FSDP over the chips of a slice and data parallelism across slices; LoRA-GA with its defaults (2 x 2048 batches,
-    sketch rank 4r = 64)."""
+    packed one row per chip; sketch rank 4r = 64)."""
     from jaxlora.config import ModelConfig, TrainConfig
     from jaxlora.data import DataConfig
     return RunConfig(model=ModelConfig(path=shape, dtype="bfloat16", param_dtype="bfloat16", remat="save_matmuls"),
@@ -660,8 +669,8 @@ def table(models=TABLE_MODELS, targets=TABLE_TARGETS, max_micro_batch: int = 256
               "|---|---|---|---|---|---|---|---|")
     note = (f"GiB per chip (XLA memory_analysis: arguments + outputs - aliased + temporaries + code) of the compiled "
             f"TPU programs; sequence 2048, bf16 base, LoRA r=16 on all linear layers (fp32 adapters, AdamW), remat "
-            f"save_matmuls, FSDP over each slice's chips, data-parallel across slices. LoRA-GA: one estimation "
-            f"batch of 2 x 2048 (the default), exact = fp32 gradient accumulators for every adapted kernel, "
+            f"save_matmuls, FSDP over each slice's chips, data-parallel across slices. LoRA-GA: its default 2 x 2048 "
+            f"estimation batches, packed so each chip computes 1 row (`lora_ga.pack_batches`), exact = fp32 gradient accumulators for every adapted kernel, "
             f"streaming = sketch step at rank 4r = 64. (+x) = GiB over HBM. Generated by `jaxlora plan --table` "
             f"in {time.perf_counter() - t0:.0f}s with jax {jax.__version__}.")
     return header + "\n" + "\n".join(rows) + "\n\n" + note + "\n"

@@ -10,13 +10,20 @@ axes ("data", "fsdp", "tensor"). `DEFAULT_RULES` is the single place that decide
 
 A dimension that a mesh axis does not divide is replicated instead (e.g. 3 KV heads on a tensor axis of 2), so any
 model runs on any mesh; the fallback is logged once per parameter.
+
+Activations follow the same table: inside `activation_sharding(mesh)` (which `Model.apply` enters while it is traced)
+`constrain(x, names)` pins a hidden state to its logical axes, e.g. ("batch", None, "heads"). Without these pins XLA is
+free to keep activations replicated over the fsdp axis, and under pure FSDP every chip would hold the activations
+of the whole global batch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -118,3 +125,32 @@ def batch_divisor(mesh: Mesh, rules=DEFAULT_RULES) -> int:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+_ACTIVATION_MESH: contextvars.ContextVar = contextvars.ContextVar("jaxlora_activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> Iterator[None]:
+    """While tracing inside this context, `constrain` pins activations to `mesh` (through `rules`)."""
+    token = _ACTIVATION_MESH.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` of activation `x` to its logical axes under `activation_sharding`; the identity
+    outside it or on one device. A dimension the mesh does not divide stays replicated (as for parameters)."""
+    ctx = _ACTIVATION_MESH.get()
+    if ctx is None or ctx[0].size == 1:
+        return x
+    mesh, rules = ctx
+    return jax.lax.with_sharding_constraint(x, named_sharding(names, x.shape, mesh, rules))
+
+
+def activation_axes(ndim: int, feature_axis: str | None) -> tuple[str | None, ...]:
+    """Logical axes of a (batch, ..., features) activation whose last dim is a kernel's `feature_axis`: "embed"
+    (split over fsdp in parameters) is kept whole in activations, which are split over the batch instead."""
+    return ("batch",) + (None,) * (ndim - 2) + (None if feature_axis == "embed" else feature_axis,)

@@ -30,22 +30,23 @@ class TrainState(struct.PyTreeNode):
     rng: jax.Array
 
 
-def token_loss_sums(logits_BxTxV: jax.Array, labels_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Sum of next-token cross entropy over labelled tokens, and their count (float32)."""
-    logits = logits_BxTxV[:, :-1].astype(jnp.float32)
-    targets = labels_BxT[:, 1:]
+def token_loss_sums(logits_BxTxV: jax.Array, labels_BxT: jax.Array,
+                    per_row: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Sum of next-token cross entropy over labelled tokens, and their count (float32); with `per_row`, both per
+    batch row (B,)."""
+    logits = logits_BxTxV.astype(jnp.float32)  # position t predicts label t+1; the last predicts nothing
+    targets = jnp.pad(labels_BxT[:, 1:], ((0, 0), (0, 1)), constant_values=IGNORE_INDEX)  # (no copy of the logits)
     valid = targets != IGNORE_INDEX
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, logz - picked, 0.0)), jnp.sum(valid).astype(jnp.float32)
+    axis = 1 if per_row else None
+    return jnp.sum(jnp.where(valid, logz - picked, 0.0), axis=axis), jnp.sum(valid, axis=axis).astype(jnp.float32)
 
 
 def make_loss_fn(model) -> Callable:
     def loss_sums(trainable, params, batch, rng, deterministic: bool):
         effective = lora_lib.overlay(params, trainable["full"])
-        logits = model.apply(effective, batch["input_ids"], batch["attention_mask"], lora=trainable["lora"],
-                             deterministic=deterministic, dropout_rng=rng)
-        return token_loss_sums(logits, batch["labels"])
+        return model.loss_sums(effective, batch, trainable["lora"], deterministic=deterministic, dropout_rng=rng)
     return loss_sums
 
 
@@ -150,8 +151,8 @@ def jit_eval_step(eval_fn, param_shardings, trainable_shardings, mesh) -> Callab
 def place_batch(batch: dict, mesh) -> dict:
     """This process's rows -> global arrays sharded over (data, fsdp) (replicated if the mesh does not divide them)."""
     rows = next(iter(batch.values())).shape[0] * jax.process_count()
-    shard = sharding.batch_sharding(mesh, batch_size=rows)
-    return {k: jax.make_array_from_process_local_data(shard, v) for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim, batch_size=rows), v)
+            for k, v in batch.items()}
 
 
 def trainable_shardings_for(model, targets, lora_config, full_tree) -> dict:

@@ -596,9 +596,37 @@ def test_first_step_follows_full_finetuning(monkeypatch, model64, batches, grads
 # ---------------------------------------------------------------------------------------------- 5. sharding
 
 
+def test_packed_batches_keep_the_statistic(model64):
+    """2-row estimation batches of different lengths packed for an 8-way batch axis (4 per packed batch: 3 real
+    groups + 1 empty): right-padded, grouped, and the packed loss (sum of per-group means) equals the sum of the
+    batches' own mean losses, so the accumulated gradient is the same statistic."""
+    rs = np.random.RandomState(3)
+    originals = []
+    for t in (12, 20, 16):
+        ids = rs.randint(6, 128, (2, t)).astype(np.int32)
+        labels = ids.copy()
+        labels[:, :3] = -100
+        originals.append(dict(input_ids=ids, attention_mask=np.ones_like(ids), labels=labels, extra=ids))
+    packed, groups = lora_ga.pack_batches(originals, divisor=8)
+    assert groups == 4 and len(packed) == 1
+    (p,) = packed
+    assert set(p) == {"input_ids", "attention_mask", "labels", "group"}
+    assert p["input_ids"].shape == (8, 20) and p["group"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert (p["attention_mask"][:2, 12:] == 0).all() and (p["labels"][:2, 12:] == -100).all()
+    assert (p["labels"][6:] == -100).all()  # the empty group
+    params = model64.params
+    packed_loss, packed_count = lora_ga._mean_loss(model64, params, None, {k: jnp.asarray(v) for k, v in p.items()},
+                                                   groups)
+    singles = [lora_ga._mean_loss(model64, params, None, {k: jnp.asarray(b[k]) for k in lora_ga.BATCH_KEYS})
+               for b in originals]
+    np.testing.assert_allclose(float(packed_loss), sum(float(x) for x, _ in singles), rtol=1e-6)
+    assert float(packed_count) == sum(float(n) for _, n in singles)
+    assert lora_ga.pack_batches(originals[:1], divisor=2)[1] == 1  # 2 rows already divide a 2-way batch axis
+
+
 def test_sharded_equals_single_device(folder64, batches, ga_exact):
-    """ga_exact (single device) against the same unpatched init on the 8-device data mesh (the batch of 4 rows is
-    replicated there) and on data=2 x fsdp=2 x tensor=2 (kernels split over fsdp and tensor, batch over data x fsdp).
+    """ga_exact (single device) against the same unpatched init on the 8-device data mesh (the two 4-row batches are
+    packed into one 8-row batch there, `lora_ga.pack_batches`) and on data=2 x fsdp=2 x tensor=2 (kernels split over fsdp and tensor, batch over data x fsdp).
     Targets q_proj (embed -> heads), k_proj (embed -> kv heads) and down_proj (mlp -> embed) cover both kernel
     orientations; each target's init depends on its own gradient only, so ga_exact's (all targets) is the reference."""
     targets = ("q_proj", "k_proj", "down_proj")

@@ -39,8 +39,8 @@ def test_cpu_plan_reports_memory_fit_and_largest_micro_batch(cpu_report):
     assert t.parts["optimizer"] >= 2 * t.parts["adapters"]
     assert t.flops > 0 and t.flops_xla and t.flops_xla > 0
     assert r.largest is not None and r.largest.fits and r.largest.per_chip == 4  # the search's cap
-    for p in (r.lora_ga_exact, r.lora_ga_streaming):
-        assert p.fits and p.peak > 0 and p.rows == 2
+    for p in (r.lora_ga_exact, r.lora_ga_streaming):  # 4 packed 2-example batches: 1 row per chip
+        assert p.fits and p.peak > 0 and p.rows == 8 and p.per_chip == 1 and p.parts["batch"] > 0
     # exact estimation holds a float32 gradient of every adapted kernel; the sketches are rank-q factors
     assert r.lora_ga_exact.parts["accumulators"] > 0 and r.lora_ga_streaming.parts["sketches"] > 0
     text = r.format()

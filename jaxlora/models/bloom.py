@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora import sharding
 from jaxlora.hf_checkpoint import NameRule, NameTable
 from jaxlora.models.llama import LayerPart, LoraDense, _remat_policy, causal_padding_mask
 
@@ -174,6 +175,7 @@ class BloomBlock(LayerPart):
     def __call__(self, x_BxTxD, lora, bias, mask):
         c, lora = self.cfg, lora or {}
         post_ln = c.apply_residual_connection_post_layernorm
+        x_BxTxD = sharding.constrain(x_BxTxD, ("batch", None, None))
         normed = layer_norm(c.layer_norm_epsilon, self.dtype, self.param_dtype, "input_layernorm")(x_BxTxD)
         attn = Attention(c, self.dtype, self.param_dtype, self.deterministic, self.attention_impl,
                          name="self_attention")

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlora import sharding
 from jaxlora.hf_checkpoint import NameRule, NameTable
 from jaxlora.models.bloom import hf_field, layer_norm
 from jaxlora.models.llama import LayerPart, LoraDense, _remat_policy, causal_padding_mask
@@ -154,6 +155,7 @@ class GPT2Block(LayerPart):
     @nn.compact
     def __call__(self, x_BxTxD, lora, layer_idx, mask):
         c, lora = self.cfg, lora or {}
+        x_BxTxD = sharding.constrain(x_BxTxD, ("batch", None, None))
         norm = lambda name: layer_norm(c.layer_norm_epsilon, self.dtype, self.param_dtype, name)
         attn = Attention(c, self.dtype, self.param_dtype, self.deterministic, self.attention_impl, name="attn")
         h = x_BxTxD + attn(norm("ln_1")(x_BxTxD), layer_idx, mask, lora.get("attn"))

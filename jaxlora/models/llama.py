@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora import sharding
 from jaxlora.lora_weights import LoraWeights
 
 REMAT_POLICIES = ("none", "full", "save_matmuls")
@@ -172,6 +173,7 @@ class LoraDense(nn.Module):
 
     @nn.compact
     def __call__(self, x, lora: LoraWeights | None = None):
+        x = sharding.constrain(x, sharding.activation_axes(x.ndim, self.kernel_axes[0]))
         kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.kernel_axes),
                             (x.shape[-1], self.features), self.param_dtype)
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
@@ -183,7 +185,7 @@ class LoraDense(nn.Module):
             x_in = nn.Dropout(rate=lora.dropout)(x, deterministic=self.deterministic)
             xa = jnp.dot(x_in.astype(self.dtype), lora.a.astype(self.dtype))
             y = y + (lora.scale * jnp.dot(xa, lora.b.astype(self.dtype))).astype(y.dtype)
-        return y
+        return sharding.constrain(y, sharding.activation_axes(y.ndim, self.kernel_axes[1]))
 
 
 class LayerPart(nn.Module):
@@ -238,6 +240,7 @@ class DecoderLayer(LayerPart):
     @nn.compact
     def __call__(self, x_BxTxD, lora, cos, sin, mask, cache=None, cache_index=None):
         c, lora = self.cfg, lora or {}
+        x_BxTxD = sharding.constrain(x_BxTxD, ("batch", None, None))
         norm = lambda name: RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name=name)
         attn = Attention(c, self.dtype, self.param_dtype, self.deterministic, self.attention_impl, name="self_attn")
         attn_out = attn(norm("input_layernorm")(x_BxTxD), cos, sin, mask, lora.get("self_attn"), cache, cache_index)
