@@ -99,6 +99,16 @@ class Model:
         return self.module.apply({"params": params}, input_ids, attention_mask, positions, lora,
                                  deterministic=deterministic, rngs=rngs)
 
+    def loss_sums(self, params, batch: dict, lora=None, *, per_row: bool = False, deterministic: bool = True,
+                  dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """The training loss of one batch as (sum over labelled targets, their count), float32; per batch row with
+        `per_row`. Training (`jaxlora.step`) and LoRA-GA's gradient estimation both call this, so a model with another
+        objective (a classifier) overrides it once: here, next-token cross entropy where labels are not -100."""
+        from jaxlora.step import token_loss_sums
+        logits = self.apply(params, batch["input_ids"], batch["attention_mask"], lora=lora,
+                            deterministic=deterministic, dropout_rng=dropout_rng)
+        return token_loss_sums(logits, batch["labels"], per_row=per_row)
+
     def apply_cached(self, params, input_ids, cache_mask, positions, cache, cache_index, lora=None):
         """One prefill or decode step with a KV cache: (logits (B, T, vocab), updated cache).
 

@@ -30,22 +30,23 @@ class TrainState(struct.PyTreeNode):
     rng: jax.Array
 
 
-def token_loss_sums(logits_BxTxV: jax.Array, labels_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Sum of next-token cross entropy over labelled tokens, and their count (float32)."""
+def token_loss_sums(logits_BxTxV: jax.Array, labels_BxT: jax.Array,
+                    per_row: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Sum of next-token cross entropy over labelled tokens, and their count (float32); with `per_row`, both per
+    batch row (B,)."""
     logits = logits_BxTxV[:, :-1].astype(jnp.float32)
     targets = labels_BxT[:, 1:]
     valid = targets != IGNORE_INDEX
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, logz - picked, 0.0)), jnp.sum(valid).astype(jnp.float32)
+    axis = 1 if per_row else None
+    return jnp.sum(jnp.where(valid, logz - picked, 0.0), axis=axis), jnp.sum(valid, axis=axis).astype(jnp.float32)
 
 
 def make_loss_fn(model) -> Callable:
     def loss_sums(trainable, params, batch, rng, deterministic: bool):
         effective = lora_lib.overlay(params, trainable["full"])
-        logits = model.apply(effective, batch["input_ids"], batch["attention_mask"], lora=trainable["lora"],
-                             deterministic=deterministic, dropout_rng=rng)
-        return token_loss_sums(logits, batch["labels"])
+        return model.loss_sums(effective, batch, trainable["lora"], deterministic=deterministic, dropout_rng=rng)
     return loss_sums
 
 
