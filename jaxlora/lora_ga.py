@@ -92,8 +92,7 @@ def _check_statistic(names: list[str], value, stacked: bool) -> None:
 
 def _mean_loss(model, params, lora, batch):
     """Per-batch mean token loss (as training) and its token count."""
-    logits = model.apply(params, batch["input_ids"], batch["attention_mask"], lora=lora)
-    total, count = step_lib.token_loss_sums(logits, batch["labels"])
+    total, count = model.loss_sums(params, batch, lora)
     return total / jnp.maximum(count, 1.0), count
 
 
