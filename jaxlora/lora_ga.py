@@ -123,7 +123,7 @@ def make_estimate_step(model, targets, rows: int):
     rep = sharding.replicated(model.mesh)
     if key not in _steps(model):
         _steps(model)[key] = jax.jit(accumulate, in_shardings=(kernel_sh, rep, model.param_shardings,
-                                                               sharding.batch_sharding(model.mesh, batch_size=rows)),
+                                                               step_lib.batch_sharding(model.mesh, rows)),
                                      out_shardings=(kernel_sh, rep), donate_argnums=(0, 1))
     return _steps(model)[key]
 
@@ -169,7 +169,7 @@ def make_sketch_step(model, targets=None, rows: int | None = None):
         sh = _sketch_shardings(model, targets)
         key = ("sketch", tuple(t.path for t in targets), rows)
         shardings = dict(in_shardings=(sh, model.param_shardings, sh,
-                                       sharding.batch_sharding(model.mesh, batch_size=rows)), out_shardings=sh)
+                                       step_lib.batch_sharding(model.mesh, rows)), out_shardings=sh)
     if key not in _steps(model):
         _steps(model)[key] = jax.jit(accumulate, donate_argnums=(0,), **shardings)
     return _steps(model)[key]

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxlora import lora as lora_lib, sharding
 
@@ -135,23 +136,30 @@ def abstract_state(trainable, tx: optax.GradientTransformation, rng, trainable_s
     return structs, shardings
 
 
+def batch_sharding(mesh, batch_size: int | None = None):
+    """`sharding.batch_sharding` for batch leaves of any rank: rows split over (data, fsdp), every other dim
+    replicated, so a classifier's (B,) labels travel with the (B, T) ids under one sharding."""
+    spec = sharding.batch_sharding(mesh, batch_size=batch_size).spec
+    return NamedSharding(mesh, P(*spec[:1]))
+
+
 def jit_train_step(step_fn, param_shardings, state_sharding, mesh) -> Callable:
     """jit with explicit in/out shardings; the state is donated (updated in place), the base is not."""
-    batch = sharding.batch_sharding(mesh)
+    batch = batch_sharding(mesh)
     rep = sharding.replicated(mesh)
     return jax.jit(step_fn, in_shardings=(param_shardings, state_sharding, batch),
                    out_shardings=(state_sharding, rep), donate_argnums=(1,))
 
 
 def jit_eval_step(eval_fn, param_shardings, trainable_shardings, mesh) -> Callable:
-    return jax.jit(eval_fn, in_shardings=(param_shardings, trainable_shardings, sharding.batch_sharding(mesh)),
+    return jax.jit(eval_fn, in_shardings=(param_shardings, trainable_shardings, batch_sharding(mesh)),
                    out_shardings=sharding.replicated(mesh))
 
 
 def place_batch(batch: dict, mesh) -> dict:
     """This process's rows -> global arrays sharded over (data, fsdp) (replicated if the mesh does not divide them)."""
     rows = next(iter(batch.values())).shape[0] * jax.process_count()
-    shard = sharding.batch_sharding(mesh, batch_size=rows)
+    shard = batch_sharding(mesh, batch_size=rows)
     return {k: jax.make_array_from_process_local_data(shard, v) for k, v in batch.items()}
 
 
