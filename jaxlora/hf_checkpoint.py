@@ -55,6 +55,9 @@ class NameTable:
     stack_name: str = "layers"  # the scanned module whose params carry a leading layer axis
     base_prefix: str = ""  # the base model's key prefix ("transformer."), absent from some checkpoints (hub GPT-2,
     #                        BLOOM store "h.0.attn..."): reading accepts both, export writes it
+    output_module: str = "lm_head"  # the output head, which target_modules="all-linear" leaves out (as PEFT)
+    optional: tuple[str, ...] = ()  # regexes of our param paths a checkpoint may lack (a classifier head over a
+    #                                 bare encoder): those start fresh, as in transformers; all of a module or none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,13 +159,21 @@ def check_keys(table: NameTable, mapping: list[TensorMapping], files: Safetensor
                               f"(shape {files.shape(unexpected[0])}) matches no parameter of this model")
 
 
-def load_params(folder, table: NameTable, abstract_params, shardings, num_layers: int):
-    """Reads a HF safetensors folder into a param tree placed directly into `shardings`."""
+def load_params(folder, table: NameTable, abstract_params, shardings, num_layers: int,
+                init_missing: Callable[[list[tuple[str, ...]]], dict] | None = None):
+    """Reads a HF safetensors folder into a param tree placed directly into `shardings`.
+
+    Params the table marks optional whose tensors are all absent come from `init_missing(paths)` (a flat
+    {path: array}); without it they are missing weights like any other.
+    """
     files = SafetensorsFolder(folder)
     mapping = plan_mapping(table, abstract_params, num_layers)
     prefix = table.base_prefix
     if prefix and not any(k.startswith(prefix) for k in files.keys()):  # saved from the bare base model
         mapping = [dataclasses.replace(m, hf_keys=tuple(k.removeprefix(prefix) for k in m.hf_keys)) for m in mapping]
+    absent = [m for m in mapping if init_missing is not None and not set(m.hf_keys) & files.keys()
+              and any(re.fullmatch(p, "/".join(m.path)) for p in table.optional)]
+    mapping = [m for m in mapping if m not in absent]
     check_keys(table, mapping, files, folder)
     flat_abs = traverse_util.flatten_dict(abstract_params)
     flat_shard = traverse_util.flatten_dict(shardings)
@@ -178,6 +189,8 @@ def load_params(folder, table: NameTable, abstract_params, shardings, num_layers
                                       f"expects {tuple(per_layer[::-1]) if m.transpose else tuple(per_layer)} "
                                       f"(check config.json)")
         out[m.path] = _place(files, m, target, flat_shard[m.path])
+    if absent:
+        out.update(init_missing([m.path for m in absent]))
     return traverse_util.unflatten_dict(out)
 
 

@@ -28,7 +28,7 @@ from jaxlora.lora_weights import LoraWeights, is_lora_leaf
 INIT_METHODS = (True, False, "gaussian", "lora_ga")
 # PEFT's per-architecture default when target_modules is None (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
 DEFAULT_TARGETS = {"llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
-                   "bloom": ("query_key_value",), "gpt2": ("c_attn",)}
+                   "bloom": ("query_key_value",), "gpt2": ("c_attn",), "bert": ("query", "value")}
 
 
 class LoraConfigError(ValueError):
@@ -298,11 +298,13 @@ def num_lora_params(lora) -> int:
 
 
 def split_modules_to_save(params, names: Sequence[str] | None) -> dict:
-    """The sub-tree of `params` trained fully: every module whose path ends with one of `names`."""
+    """The sub-tree of `params` trained fully: every module whose path, or an enclosing module's, ends with one of
+    `names` (PEFT's suffix match, so "pooler" takes bert.pooler.dense)."""
     if not names:
         return {}
     flat = traverse_util.flatten_dict(params)
-    picked = {p: x for p, x in flat.items() if any(".".join(p[:-1]).endswith(n) or p[-2] == n for n in names)}
+    picked = {p: x for p, x in flat.items()
+              if any(".".join(p[:i]).endswith(n) for n in names for i in range(1, len(p)))}
     if not picked:
         modules = sorted({p[-2] for p in flat})
         raise LoraConfigError(f"modules_to_save {list(names)} matches no module; modules: {', '.join(modules)}")

@@ -106,14 +106,6 @@ def _mean_loss(model, params, lora, batch, groups: int = 1):
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 
 
-def batch_shardings(mesh, rows: int, groups: int) -> dict:
-    """Shardings of a (packed) estimation batch of `rows` global rows: (rows, T) arrays and the (rows,) group ids."""
-    out = {key: sharding.batch_sharding(mesh, batch_size=rows) for key in BATCH_KEYS}
-    if groups > 1:
-        out["group"] = sharding.batch_sharding(mesh, ndim=1, batch_size=rows)
-    return out
-
-
 def pack_factor(rows: int, divisor: int) -> int:
     """How many `rows`-row estimation batches one packed global batch holds: the fewest whose rows the mesh's
     batch axes (`divisor` = data x fsdp) divide."""
@@ -142,9 +134,11 @@ def pack_batches(batches: list[dict], divisor: int) -> tuple[list[dict], int]:
             * (k - len(chunk))
         t = max(b["input_ids"].shape[1] for b in chunk)
         fill = {"input_ids": 0, "attention_mask": 0, "labels": step_lib.IGNORE_INDEX}
-        packed.append({key: np.concatenate([np.pad(np.asarray(b[key]), ((0, 0), (0, t - b[key].shape[1])),
-                                                   constant_values=value) for b in chunk])
-                       for key, value in fill.items()}
+
+        def right_pad(x, value):  # (rows, T) arrays to the pack's length; (rows,) labels (a classifier's) as they are
+            x = np.asarray(x)
+            return np.pad(x, ((0, 0), (0, t - x.shape[1])), constant_values=value) if x.ndim == 2 else x
+        packed.append({key: np.concatenate([right_pad(b[key], value) for b in chunk]) for key, value in fill.items()}
                       | {"group": np.repeat(np.arange(k, dtype=np.int32), rows)})
     return packed, k
 
@@ -177,7 +171,7 @@ def make_estimate_step(model, targets, rows: int, groups: int = 1):
     rep = sharding.replicated(model.mesh)
     if key not in _steps(model):
         _steps(model)[key] = jax.jit(accumulate, in_shardings=(kernel_sh, rep, model.param_shardings,
-                                                               batch_shardings(model.mesh, rows, groups)),
+                                                               sharding.batch_sharding(model.mesh, batch_size=rows)),
                                      out_shardings=(kernel_sh, rep), donate_argnums=(0, 1))
     return _steps(model)[key]
 
@@ -225,7 +219,7 @@ def make_sketch_step(model, targets=None, rows: int | None = None, groups: int =
     else:
         sh = _sketch_shardings(model, targets)
         key = ("sketch", tuple(t.path for t in targets), rows, groups)
-        shardings = dict(in_shardings=(sh, model.param_shardings, sh, batch_shardings(model.mesh, rows, groups)),
+        shardings = dict(in_shardings=(sh, model.param_shardings, sh, sharding.batch_sharding(model.mesh, batch_size=rows)),
                          out_shardings=sh)
     if key not in _steps(model):
         _steps(model)[key] = jax.jit(accumulate, donate_argnums=(0,), **shardings)

@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 
 from jaxlora import hf_checkpoint, lora as lora_lib, sharding
 from jaxlora.hf_checkpoint import CheckpointError, NameRule, NameTable
-from jaxlora.models import bloom, gpt2, llama
+from jaxlora.models import bert, bloom, gpt2, llama
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,11 @@ LLAMA_NAMES = NameTable(rules=(
 FAMILIES = {arch: (llama.LlamaConfig, llama.LlamaForCausalLM, LLAMA_NAMES) for arch in llama.SUPPORTED_ARCHITECTURES}
 FAMILIES["BloomForCausalLM"] = (bloom.BloomConfig, bloom.BloomForCausalLM, bloom.NAMES)
 FAMILIES["GPT2LMHeadModel"] = (gpt2.GPT2Config, gpt2.GPT2LMHeadModel, gpt2.NAMES)
+FAMILIES.update({arch: (bert.BertConfig, bert.BertForSequenceClassification, bert.NAMES)
+                 for arch in bert.SUPPORTED_ARCHITECTURES})  # a bare BertModel gets a fresh classifier head
 # A config.json without "architectures" names its causal LM by model_type.
 _ARCH_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                       "bloom": "BloomForCausalLM", "gpt2": "GPT2LMHeadModel"}
+                       "bloom": "BloomForCausalLM", "gpt2": "GPT2LMHeadModel", "bert": "BertModel"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
 
@@ -55,7 +57,8 @@ def _dtype(x) -> Any:
 
 
 class Model:
-    """A causal LM: `module` (Flax), `config`, frozen `params` (sharded over `mesh`), and how to apply them."""
+    """A causal LM or a classifier: `module` (Flax), `config`, frozen `params` (sharded over `mesh`), and how to
+    apply them."""
 
     def __init__(self, config, module: nn.Module, names: NameTable, mesh: Mesh, rules=sharding.DEFAULT_RULES,
                  params=None, source: str | None = None, hf_config: dict | None = None):
@@ -90,11 +93,25 @@ class Model:
                             attention_impl=attention_impl)
         return cls(config, module, names, mesh or sharding.make_mesh(), rules, hf_config=hf_config)
 
+    def _fresh(self, paths: list[tuple[str, ...]], seed: int) -> dict:
+        """Freshly initialized params at `paths` (flat {path: array}, in their shardings): what a checkpoint lacks."""
+        flat_sh = traverse_util.flatten_dict(self.param_shardings)
+        log.warning("%s: not in the checkpoint, newly initialized: %s", self.source or "model",
+                    ", ".join("/".join(p) for p in paths))
+
+        def init(rng):
+            flat = traverse_util.flatten_dict(nn.meta.unbox(self._init_boxed(rng)))
+            return {"/".join(p): flat[p] for p in paths}  # XLA drops the rest of the init
+
+        out = jax.jit(init, out_shardings={"/".join(p): flat_sh[p] for p in paths})(jax.random.key(seed))
+        return {p: out["/".join(p)] for p in paths}
+
     # ------------------------------------------------------------------------------------------ use
 
     def apply(self, params, input_ids, attention_mask=None, lora=None, *, positions=None,
               deterministic: bool = True, dropout_rng: jax.Array | None = None) -> jax.Array:
-        """Logits (B, T, vocab). `lora` is a LoRA tree (or None); dropout runs only when deterministic=False."""
+        """Logits (B, T, vocab); a classifier's (B, num_labels). `lora` is a LoRA tree (or None); dropout runs only
+        when deterministic=False."""
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
         with sharding.activation_sharding(self.mesh, self.rules):
             return self.module.apply({"params": params}, input_ids, attention_mask, positions, lora,
@@ -104,11 +121,18 @@ class Model:
                   dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """The training loss of one batch as (sum over labelled targets, their count), float32; per batch row with
         `per_row`. Training (`jaxlora.step`) and LoRA-GA's gradient estimation both call this, so a model with another
-        objective (a classifier) overrides it once: here, next-token cross entropy where labels are not -100."""
+        objective defines it once, as its family module's `loss_sums(logits, labels, per_row)`: a classifier (BERT)
+        sums cross entropy over rows of (B,) class ids; the default is next-token cross entropy where labels are not
+        -100."""
         from jaxlora.step import token_loss_sums
+        objective = getattr(self._family(), "loss_sums", token_loss_sums)
         logits = self.apply(params, batch["input_ids"], batch["attention_mask"], lora=lora,
                             deterministic=deterministic, dropout_rng=dropout_rng)
-        return token_loss_sums(logits, batch["labels"], per_row=per_row)
+        return objective(logits, batch["labels"], per_row=per_row)
+
+    def _family(self):
+        """The Python module of this model's family (jaxlora.models.<family>)."""
+        return importlib.import_module(type(self.module).__module__)
 
     def apply_cached(self, params, input_ids, cache_mask, positions, cache, cache_index, lora=None):
         """One prefill or decode step with a KV cache: (logits (B, T, vocab), updated cache).
@@ -122,7 +146,7 @@ class Model:
 
     def init_cache(self, batch: int, length: int):
         """A zeroed KV cache for `batch` rows of `length` slots, in the compute dtype, and its logical axes."""
-        family = importlib.import_module(type(self.module).__module__)
+        family = self._family()
         if not hasattr(family, "init_cache"):
             raise NotImplementedError(f"{self.config.architecture}: generation with a KV cache is not implemented")
         cache = family.init_cache(self.config, batch, length, self.module.dtype)
@@ -130,7 +154,7 @@ class Model:
 
     def lora_targets(self, lora_config) -> list[lora_lib.Target]:
         return lora_lib.resolve_targets(self.abstract_params, lora_config, self.config.num_hidden_layers,
-                                        self.config.model_type, self.names.stack_name)
+                                        self.config.model_type, self.names.stack_name, self.names.output_module)
 
     def lora_axes(self, targets):
         """Logical axes tree of the LoRA tree (a LoraWeights of axis tuples per target)."""
@@ -178,6 +202,7 @@ class Model:
             hf_checkpoint.write_safetensors(tensors, tmp, max_shard_bytes)
             hf = dict(self.hf_config)
             hf["torch_dtype"] = hf["dtype"] = str(jax.tree.leaves(params)[0].dtype)
+            hf.update(getattr(self.config, "export_fields", dict)())  # e.g. a classifier's architecture and labels
             (tmp / "config.json").write_text(json.dumps(hf, indent=2))
             for name in _TOKENIZER_FILES if self.source else ():
                 if (Path(self.source) / name).exists():
@@ -223,7 +248,7 @@ def read_hf_config(folder: Path) -> dict:
 
 def from_pretrained(path: str | os.PathLike, dtype="float32", *, param_dtype=None, mesh: Mesh | None = None,
                     remat: str = "none", attention_impl: str | None = None,
-                    rules=sharding.DEFAULT_RULES) -> Model:
+                    rules=sharding.DEFAULT_RULES, num_labels: int | None = None, seed: int = 0) -> Model:
     """Loads a Hugging Face causal LM (local folder or hub id) into a sharded `jaxlora.Model`.
 
     Args:
@@ -233,14 +258,29 @@ def from_pretrained(path: str | os.PathLike, dtype="float32", *, param_dtype=Non
       mesh: device mesh (default: all devices on the data axis).
       remat: "none", "full" or "save_matmuls" (keep matmul outputs, recompute the rest).
       attention_impl: None (XLA picks), "xla" or "cudnn" (flash attention on NVIDIA GPUs).
+      num_labels: classifiers (BERT): the head's classes, overriding config.json's (a new head starts fresh).
+      seed: initializes what the checkpoint lacks (a classifier head over a bare encoder).
     """
     folder = resolve_folder(path)
     hf_config = read_hf_config(folder)
+    if num_labels is not None:
+        hf_config = _with_num_labels(hf_config, num_labels, folder)
     model = Model._build(hf_config, dtype, param_dtype, mesh, where=str(folder / "config.json"), remat=remat,
                          attention_impl=attention_impl, rules=rules)
     model.source = str(folder)
     if model.config.tie_word_embeddings:  # some tied checkpoints still carry a copy of the embedding
         model.names = dataclasses.replace(model.names, ignore=model.names.ignore + (r"lm_head\.weight",))
     model.params = hf_checkpoint.load_params(folder, model.names, model.abstract_params, model.param_shardings,
-                                             model.config.num_hidden_layers)
+                                             model.config.num_hidden_layers, lambda paths: model._fresh(paths, seed))
     return model
+
+
+def _with_num_labels(hf_config: dict, num_labels: int, folder) -> dict:
+    """config.json with the classifier's label count replaced (a checkpoint head of another size fails to load)."""
+    config_cls = FAMILIES[architecture_of(hf_config, str(folder / "config.json"))][0]
+    if "num_labels" not in {f.name for f in dataclasses.fields(config_cls)}:
+        raise ValueError(f"{folder}: num_labels={num_labels} is for classifiers; {config_cls.__name__} has no "
+                         f"classifier head")
+    id2label = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+    return {**hf_config, "num_labels": num_labels, "id2label": id2label,
+            "label2id": {v: int(k) for k, v in id2label.items()}}

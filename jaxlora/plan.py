@@ -30,7 +30,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 from flax import traverse_util
 
 from jaxlora import data as data_lib, lora as lora_lib, lora_ga, optim, sharding, step as step_lib
@@ -327,8 +326,7 @@ def _batch(rows: int, seq_len: int, shard, groups: int = 1) -> dict:
     batch = {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=shard)
              for k in ("input_ids", "attention_mask", "labels")}
     if groups > 1:  # LoRA-GA's packed estimation batches (lora_ga.pack_batches)
-        row_shard = NamedSharding(shard.mesh, P(shard.spec[0]))
-        batch["group"] = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row_shard)
+        batch["group"] = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=shard)
     return batch
 
 

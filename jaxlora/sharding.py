@@ -107,14 +107,15 @@ def tree_shardings(axes_tree, shape_tree, mesh: Mesh, rules=DEFAULT_RULES):
                         is_leaf=lambda n: isinstance(n, tuple))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES, batch_size: int | None = None) -> NamedSharding:
-    """Batch arrays (B, T, ...): the batch dim over (data, fsdp), the rest replicated. With `batch_size`, a batch the
-    mesh does not divide (e.g. LoRA-GA's 2 examples on 8 devices) is replicated instead."""
+def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES, batch_size: int | None = None) -> NamedSharding:
+    """Batch arrays of any rank ((B, T) ids, (B,) class labels or group ids): the leading dim over (data, fsdp),
+    every other dim replicated. With `batch_size`, a batch the mesh does not divide (e.g. one 2-row batch on 8
+    devices) is replicated instead."""
     if batch_size is not None:
-        return named_sharding(("batch",) + (None,) * (ndim - 1), (batch_size,) + (1,) * (ndim - 1), mesh, rules)
+        return NamedSharding(mesh, P(logical_to_spec(("batch",), (batch_size,), mesh, rules)[0]))
     axes = dict(rules)["batch"]
     axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if mesh.shape[a] > 1)
-    return NamedSharding(mesh, P(axes or None, *([None] * (ndim - 1))))
+    return NamedSharding(mesh, P(axes or None))
 
 
 def batch_divisor(mesh: Mesh, rules=DEFAULT_RULES) -> int:

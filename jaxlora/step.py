@@ -151,8 +151,8 @@ def jit_eval_step(eval_fn, param_shardings, trainable_shardings, mesh) -> Callab
 def place_batch(batch: dict, mesh) -> dict:
     """This process's rows -> global arrays sharded over (data, fsdp) (replicated if the mesh does not divide them)."""
     rows = next(iter(batch.values())).shape[0] * jax.process_count()
-    return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim, batch_size=rows), v)
-            for k, v in batch.items()}
+    shard = sharding.batch_sharding(mesh, batch_size=rows)
+    return {k: jax.make_array_from_process_local_data(shard, v) for k, v in batch.items()}
 
 
 def trainable_shardings_for(model, targets, lora_config, full_tree) -> dict:
