@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import sharding
-from jaxlora.lora_weights import LoraWeights
+from jaxlora.lora_weights import LoraWeights, low_rank_matmul
 
 REMAT_POLICIES = ("none", "full", "save_matmuls")
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -183,8 +183,8 @@ class LoraDense(nn.Module):
             y = y + bias.astype(self.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
         if lora is not None:
             x_in = nn.Dropout(rate=lora.dropout)(x, deterministic=self.deterministic)
-            xa = jnp.dot(x_in.astype(self.dtype), lora.a.astype(self.dtype))
-            y = y + (lora.scale * jnp.dot(xa, lora.b.astype(self.dtype))).astype(y.dtype)
+            branch = low_rank_matmul(x_in.astype(self.dtype), lora.a.astype(self.dtype), lora.b.astype(self.dtype))
+            y = y + (lora.scale * branch).astype(y.dtype)
         return sharding.constrain(y, sharding.activation_axes(y.ndim, self.kernel_axes[1]))
 
 
