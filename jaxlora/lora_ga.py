@@ -219,8 +219,8 @@ def make_sketch_step(model, targets=None, rows: int | None = None, groups: int =
     else:
         sh = _sketch_shardings(model, targets)
         key = ("sketch", tuple(t.path for t in targets), rows, groups)
-        shardings = dict(in_shardings=(sh, model.param_shardings, sh, sharding.batch_sharding(model.mesh, batch_size=rows)),
-                         out_shardings=sh)
+        batch_sh = sharding.batch_sharding(model.mesh, batch_size=rows)
+        shardings = dict(in_shardings=(sh, model.param_shardings, sh, batch_sh), out_shardings=sh)
     if key not in _steps(model):
         _steps(model)[key] = jax.jit(accumulate, donate_argnums=(0,), **shardings)
     return _steps(model)[key]

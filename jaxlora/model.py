@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from jaxlora import hf_checkpoint, lora as lora_lib, sharding
 from jaxlora.hf_checkpoint import CheckpointError, NameRule, NameTable
@@ -162,16 +162,20 @@ class Model:
         return {t.path: lora_lib.lora_axes(flat_axes[t.path + ("kernel",)]) for t in targets}
 
     def lora_shardings(self, targets, lora_config) -> dict:
-        """NamedShardings for the LoRA tree: a follows its kernel's input dim, b its output dim."""
+        """NamedShardings for the LoRA tree: a follows its kernel's input dim, b its output dim (and fsdp when its
+        kernel's rules leave fsdp unused, `sharding.with_unused_axis`)."""
         axes = self.lora_axes(targets)
         kernels = lora_lib.linear_modules(self.abstract_params)
 
         def make(t):
             *lead, d_in, d_out = kernels[t.path].shape
             ax_a, ax_b = axes[t.path]
+            shape_b = (*lead, t.rank, d_out)
+            spec_b = sharding.with_unused_axis(sharding.logical_to_spec(ax_b, shape_b, self.mesh, self.rules),
+                                               shape_b, self.mesh)
             return lora_lib.LoraWeights(
                 sharding.named_sharding(ax_a, (*lead, d_in, t.rank), self.mesh, self.rules),
-                sharding.named_sharding(ax_b, (*lead, t.rank, d_out), self.mesh, self.rules),
+                NamedSharding(self.mesh, spec_b),
                 scale=t.scale, dropout=lora_config.lora_dropout)
         return lora_lib.build_lora_tree(targets, make)
 

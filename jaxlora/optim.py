@@ -35,6 +35,8 @@ class OptimConfig:
     max_grad_norm: float = 1.0  # global-norm clipping; 0 disables
     loraplus_lr_ratio: float = 1.0  # LoRA+: b's learning rate = learning_rate * this ratio
     modules_to_save_lr: float | None = None  # learning rate of fully trained modules (default: learning_rate)
+    offload_state: bool = False  # keep the optimizer state in pinned host memory between steps (ZeRO-offload's
+    #                              saving, via memory kinds); it visits the device for each update
 
     def __post_init__(self):
         if self.learning_rate <= 0:

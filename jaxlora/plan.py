@@ -229,6 +229,7 @@ class Memory:
     alias: int  # outputs written into donated arguments
     temp: int  # activations, gradients and every other temporary
     code: int
+    host: int = 0  # arguments, outputs and temporaries in pinned host memory (optim.offload_state), not in peak
 
     @property
     def peak(self) -> int:
@@ -306,8 +307,10 @@ def compile_step(name: str, jitted, args: tuple, *, rows: int, per_chip: int, se
                         time.perf_counter() - t0, over_bytes=_gib_over(str(e)) or 1)
     dt = time.perf_counter() - t0
     ma = compiled.memory_analysis()
+    host_bytes = lambda k: getattr(ma, f"host_{k}_size_in_bytes", 0) or 0
+    host = host_bytes("argument") + host_bytes("output") - host_bytes("alias") + host_bytes("temp")
     memory = Memory(ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.alias_size_in_bytes,
-                    ma.temp_size_in_bytes, ma.generated_code_size_in_bytes)
+                    ma.temp_size_in_bytes, ma.generated_code_size_in_bytes, host)
     in_shardings = compiled.input_shardings[0]
     split = parts(in_shardings)
     split["temporaries"] = memory.temp
@@ -361,9 +364,11 @@ class _Planner:
         tx, schedule = optim.make_optimizer(cfg.optim, cfg.train.max_steps or 1000, trainable)
         trainable_sh = step_lib.trainable_shardings_for(model, targets, lc, full)
         rng = jax.ShapeDtypeStruct((2,), jnp.uint32)  # jax.random.PRNGKey
-        self.state, state_sh = step_lib.abstract_state(trainable, tx, rng, trainable_sh, self.mesh)
+        offload = cfg.optim.offload_state
+        self.state, state_sh = step_lib.abstract_state(trainable, tx, rng, trainable_sh, self.mesh, offload)
         self._train_fn = step_lib.jit_train_step(
-            step_lib.make_train_step(model, tx, schedule, cfg.train.grad_accum_steps), model.param_shardings,
+            step_lib.make_train_step(model, tx, schedule, cfg.train.grad_accum_steps,
+                                     state_sh.opt_state if offload else None), model.param_shardings,
             state_sh, self.mesh)
 
     def train(self, per_chip: int) -> StepPlan:
@@ -380,7 +385,8 @@ class _Planner:
             params_sh, state_sh, batch_sh = sh
             return {"weights": _tree_bytes(self.params, params_sh),
                     "adapters": _tree_bytes(self.state.trainable, state_sh.trainable),
-                    "optimizer": _tree_bytes(self.state.opt_state, state_sh.opt_state),
+                    ("optimizer (host)" if self.config.optim.offload_state else "optimizer"):
+                        _tree_bytes(self.state.opt_state, state_sh.opt_state),
                     "batch": _tree_bytes(batch, batch_sh)}
 
         flops = rows * self.seq_len * train_flops_per_token(self.model, self.seq_len)
@@ -435,14 +441,16 @@ class _Planner:
 
         flops = rows * self.seq_len * train_flops_per_token(model, self.seq_len, full_finetune=True)
         plan = compile_step("lora_ga_exact", lora_ga.make_estimate_step(model, targets, rows, groups),
-                            (acc, count, self.params, batch), rows=rows, per_chip=rows // self.divisor, seq_len=self.seq_len,
-                            flops=flops, hbm_bytes=self.hbm, parts=parts)
+                            (acc, count, self.params, batch), rows=rows, per_chip=rows // self.divisor,
+                            seq_len=self.seq_len, flops=flops, hbm_bytes=self.hbm, parts=parts)
         log.info("  LoRA-GA exact estimation, batch %d: %s (%.1fs)", rows, _fmt_fit(plan), plan.compile_s)
         return plan
 
     def lora_ga_streaming(self) -> StepPlan:
-        """lora_ga.streaming_factorize's sketch step: a LoRA backward at the sketch rank q = 2r + oversampling."""
+        """lora_ga.streaming_factorize's sketch step (same jit, same shardings): a LoRA backward at the sketch rank
+        q = 2r + oversampling."""
         ga, targets, rows, groups = self._ga()
+        ga = dataclasses.replace(ga, svd_method="streaming")  # its sketch rank, whatever the config's method
         model = self.model
         flat = traverse_util.flatten_dict(model.abstract_params)
 
@@ -451,7 +459,7 @@ class _Planner:
             q = lora_ga.sketch_rank(ga, t.rank, d_in, d_out)
             return LoraWeights(jax.ShapeDtypeStruct((*lead, d_in, q), jnp.float32),
                                jax.ShapeDtypeStruct((*lead, q, d_out), jnp.float32), scale=1.0)
-        lora = lora_lib.build_lora_tree(targets, sketch)  # as sketch_pass builds it: no sharding given
+        lora = _struct(lora_lib.build_lora_tree(targets, sketch), lora_ga._sketch_shardings(model, targets))
         batch = _batch(rows, self.seq_len, sharding.batch_sharding(self.mesh, batch_size=rows), groups)
 
         def parts(sh):
@@ -460,9 +468,9 @@ class _Planner:
                     "batch": _tree_bytes(batch, sh[3])}
 
         flops = rows * self.seq_len * train_flops_per_token(model, self.seq_len)
-        plan = compile_step("lora_ga_streaming", lora_ga.make_sketch_step(model, groups=groups),
-                            (lora, self.params, lora, batch), rows=rows, per_chip=rows // self.divisor, seq_len=self.seq_len, flops=flops, hbm_bytes=self.hbm,
-                            parts=parts)
+        plan = compile_step("lora_ga_streaming", lora_ga.make_sketch_step(model, targets, rows, groups),
+                            (lora, self.params, lora, batch), rows=rows, per_chip=rows // self.divisor,
+                            seq_len=self.seq_len, flops=flops, hbm_bytes=self.hbm, parts=parts)
         log.info("  LoRA-GA streaming estimation, batch %d: %s (%.1fs)", rows, _fmt_fit(plan), plan.compile_s)
         return plan
 
@@ -525,7 +533,9 @@ class PlanReport:
             lines.append(f"{title}: {_fmt_fit(p)}, compiled in {p.compile_s:.1f}s")
             if p.parts:
                 lines.append("    per chip: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in p.parts.items())
-                             + (f"; total {fmt_bytes(p.peak)}" if p.memory else "; temporaries: over HBM"))
+                             + (f"; total {fmt_bytes(p.peak)}" if p.memory else "; temporaries: over HBM")
+                             + (f"; in pinned host memory: {fmt_bytes(p.memory.host)}"
+                                if p.memory and p.memory.host else ""))
             if p.memory:
                 xla = f"{p.flops_xla:.3g}/chip (scans counted once)" if p.flops_xla else "n/a"
                 lines.append(f"    FLOPs/step: {p.flops:.3g} analytic (all chips); XLA {xla}")
@@ -630,7 +640,7 @@ TABLE_TARGETS = (("v4-32", 1), ("v5e-16", 1), ("v5p-32", 1), ("v5p-32", 2))
 def table_config(shape: str, num_slices: int = 1) -> RunConfig:
     """The table's run: bf16 base, LoRA r=16 (alpha 32) on all linear layers, sequence 2048, remat save_matmuls,
     FSDP over the chips of a slice and data parallelism across slices; LoRA-GA with its defaults (2 x 2048 batches,
-    packed one row per chip; sketch rank 4r = 64)."""
+    packed one row per chip; streaming sketch rank 6r = 96)."""
     from jaxlora.config import ModelConfig, TrainConfig
     from jaxlora.data import DataConfig
     return RunConfig(model=ModelConfig(path=shape, dtype="bfloat16", param_dtype="bfloat16", remat="save_matmuls"),
@@ -669,7 +679,7 @@ def table(models=TABLE_MODELS, targets=TABLE_TARGETS, max_micro_batch: int = 256
             f"TPU programs; sequence 2048, bf16 base, LoRA r=16 on all linear layers (fp32 adapters, AdamW), remat "
             f"save_matmuls, FSDP over each slice's chips, data-parallel across slices. LoRA-GA: its default 2 x 2048 "
             f"estimation batches, packed so each chip computes 1 row (`lora_ga.pack_batches`), exact = fp32 gradient accumulators for every adapted kernel, "
-            f"streaming = sketch step at rank 4r = 64. (+x) = GiB over HBM. Generated by `jaxlora plan --table` "
+            f"streaming = sketch step at rank 6r = 96. (+x) = GiB over HBM. Generated by `jaxlora plan --table` "
             f"in {time.perf_counter() - t0:.0f}s with jax {jax.__version__}.")
     return header + "\n" + "\n".join(rows) + "\n\n" + note + "\n"
 

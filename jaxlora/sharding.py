@@ -5,7 +5,8 @@ axes ("data", "fsdp", "tensor"). `DEFAULT_RULES` is the single place that decide
 
     kernel q_proj   ("layers", "embed", "heads")  ->  P(None, "fsdp", "tensor")
     LoRA a          ("layers", "embed", "lora_rank") -> P(None, "fsdp", None)     (input dim of its kernel)
-    LoRA b          ("layers", "lora_rank", "heads") -> P(None, None, "tensor")   (output dim of its kernel)
+    LoRA b          ("layers", "lora_rank", "heads") -> P(None, None, ("tensor", "fsdp"))
+                    (output dim of its kernel, and over fsdp when that is unused: `with_unused_axis`)
     batch           ("batch", "seq")               ->  P(("data", "fsdp"), None)
 
 A dimension that a mesh axis does not divide is replicated instead (e.g. 3 KV heads on a tensor axis of 2), so any
@@ -95,6 +96,23 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
         used.update(axes)
         spec.append(axes[0] if len(axes) == 1 else (axes or None))
     return P(*spec)
+
+
+def with_unused_axis(spec: P, shape: Sequence[int], mesh: Mesh, axis: str = "fsdp", dim: int = -1) -> P:
+    """`spec` with mesh `axis` added to dimension `dim` when no dimension uses it yet and the result divides.
+
+    For LoRA's b (r, out): its out dim follows the kernel's (tensor for q/k/v/gate/up), so under pure FSDP b and
+    its Adam moments would be whole on every chip; splitting out over fsdp as well keeps them 1/fsdp per chip."""
+    padded = tuple(spec) + (None,) * (len(shape) - len(spec))
+    entries = [e if isinstance(e, tuple) else ((e,) if e else ()) for e in padded]
+    if mesh.shape.get(axis, 1) == 1 or any(axis in e for e in entries):
+        return spec
+    d = dim % len(shape)
+    axes = entries[d] + (axis,)
+    if shape[d] % int(np.prod([mesh.shape[a] for a in axes])):
+        return spec
+    entries[d] = axes
+    return P(*[e[0] if len(e) == 1 else (e or None) for e in entries])
 
 
 def named_sharding(names, shape, mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:

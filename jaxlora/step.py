@@ -50,9 +50,17 @@ def make_loss_fn(model) -> Callable:
     return loss_sums
 
 
-def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accum_steps: int) -> Callable:
-    """The un-jitted step; see `jit_train_step` for shardings and donation."""
+def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accum_steps: int,
+                    offloaded_opt_shardings=None) -> Callable:
+    """The un-jitted step; see `jit_train_step` for shardings and donation. With `offloaded_opt_shardings` (the
+    optimizer state's pinned-host shardings, `state_shardings(..., offload=True).opt_state`) the state is brought
+    to the device for the update and sent back after it."""
     loss_sums = make_loss_fn(model)
+    to_device = to_host = lambda tree: tree
+    if offloaded_opt_shardings is not None:
+        on_device = jax.tree.map(lambda s: s.with_memory_kind("device"), offloaded_opt_shardings)
+        to_device = lambda tree: jax.device_put(tree, on_device)
+        to_host = lambda tree: jax.device_put(tree, offloaded_opt_shardings)
 
     def train_step(params, state: TrainState, batch):
         rng, step_rng = jax.random.split(state.rng)
@@ -70,7 +78,8 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
             accumulate, (zeros, jnp.float32(0), jnp.float32(0)), (micro, jnp.arange(grad_accum_steps)))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        updates, opt_state = tx.update(grads, to_device(state.opt_state), state.trainable)
+        opt_state = to_host(opt_state)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {"loss": loss_sum / denom, "tokens": count, "grad_norm": optax.global_norm(grads),
                    "learning_rate": schedule(state.step)}
@@ -104,10 +113,13 @@ def opt_state_shardings(opt_state_abstract, trainable_shardings, mesh) -> Any:
     return jax.tree_util.tree_map_with_path(pick, opt_state_abstract)
 
 
-def state_shardings(state_abstract: TrainState, trainable_shardings, mesh) -> TrainState:
+def state_shardings(state_abstract: TrainState, trainable_shardings, mesh, offload: bool = False) -> TrainState:
+    """Shardings of the TrainState; with `offload`, the optimizer state's are in pinned host memory."""
     rep = sharding.replicated(mesh)
-    return TrainState(step=rep, trainable=trainable_shardings,
-                      opt_state=opt_state_shardings(state_abstract.opt_state, trainable_shardings, mesh), rng=rep)
+    opt = opt_state_shardings(state_abstract.opt_state, trainable_shardings, mesh)
+    if offload:
+        opt = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt)
+    return TrainState(step=rep, trainable=trainable_shardings, opt_state=opt, rng=rep)
 
 
 def _state_maker(tx: optax.GradientTransformation) -> Callable:
@@ -116,19 +128,24 @@ def _state_maker(tx: optax.GradientTransformation) -> Callable:
     return make
 
 
-def init_state(trainable, tx: optax.GradientTransformation, rng: jax.Array, trainable_shardings, mesh):
-    """TrainState placed in its shardings (optimizer moments sharded like their parameters)."""
+def init_state(trainable, tx: optax.GradientTransformation, rng: jax.Array, trainable_shardings, mesh,
+               offload: bool = False):
+    """TrainState placed in its shardings (optimizer moments sharded like their parameters; in pinned host memory
+    with `offload`)."""
     make = _state_maker(tx)
     abstract = jax.eval_shape(make, trainable, rng)
-    shardings = state_shardings(abstract, trainable_shardings, mesh)
-    return jax.jit(make, out_shardings=shardings)(trainable, rng), shardings
+    shardings = state_shardings(abstract, trainable_shardings, mesh, offload)
+    on_device = state_shardings(abstract, trainable_shardings, mesh)
+    state = jax.jit(make, out_shardings=on_device)(trainable, rng)
+    return (jax.device_put(state, shardings) if offload else state), shardings
 
 
-def abstract_state(trainable, tx: optax.GradientTransformation, rng, trainable_shardings, mesh):
+def abstract_state(trainable, tx: optax.GradientTransformation, rng, trainable_shardings, mesh,
+                   offload: bool = False):
     """The TrainState `init_state` would build, as ShapeDtypeStructs carrying their shardings, and the shardings:
     what ahead-of-time compilation (`jaxlora.plan`) lowers the train step with. Nothing is allocated."""
     abstract = jax.eval_shape(_state_maker(tx), trainable, rng)
-    shardings = state_shardings(abstract, trainable_shardings, mesh)
+    shardings = state_shardings(abstract, trainable_shardings, mesh, offload)
     # A None sharding (LoRA-GA's a0/b0 get none from `trainable_shardings_for`) leaves the choice to jit.
     structs = jax.tree.map(lambda s, x: x if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                            shardings, abstract, is_leaf=lambda s: s is None)

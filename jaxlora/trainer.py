@@ -166,9 +166,11 @@ def train(config: RunConfig) -> TrainResult:
             log.info("LoRA-GA initialization: %.1fs", time.perf_counter() - t_init)
         tx, schedule = optim.make_optimizer(config.optim, total_steps, trainable)
         trainable_sh = step_lib.trainable_shardings_for(model, targets, config.lora, trainable["full"])
-        state, state_sh = step_lib.init_state(trainable, tx, state_rng, trainable_sh, mesh)
+        offload = config.optim.offload_state
+        state, state_sh = step_lib.init_state(trainable, tx, state_rng, trainable_sh, mesh, offload)
         train_step = step_lib.jit_train_step(
-            step_lib.make_train_step(model, tx, schedule, tc.grad_accum_steps), model.param_shardings, state_sh, mesh)
+            step_lib.make_train_step(model, tx, schedule, tc.grad_accum_steps,
+                                     state_sh.opt_state if offload else None), model.param_shardings, state_sh, mesh)
         eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model), model.param_shardings, trainable_sh, mesh)
 
         signature = ckpt_lib.state_signature(model.config, state)

@@ -187,12 +187,14 @@ def test_lora_shardings(folder):
     model = jaxlora.from_pretrained(folder, mesh=make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)))
     lora = init_lora(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj", "lm_head"]), jax.random.key(0))
     q = lora["model"]["layers"]["self_attn"]["q_proj"]
-    assert q.a.sharding.spec == P(None, "fsdp", None) and q.b.sharding.spec == P(None, None, "tensor")
+    # b follows its kernel's output dim (tensor) and, fsdp being unused by that rule, fsdp too (pure FSDP would
+    # otherwise keep b and its Adam moments whole on every chip)
+    assert q.a.sharding.spec == P(None, "fsdp", None) and q.b.sharding.spec == P(None, None, ("tensor", "fsdp"))
     down = lora["model"]["layers"]["mlp"]["down_proj"]  # kernel (mlp, embed): a on tensor, b on fsdp
     assert down.a.sharding.spec == P(None, "tensor", None) and down.b.sharding.spec == P(None, None, "fsdp")
     head = lora["lm_head"]  # unstacked: no layer axis
     assert head.a.shape == (64, 4) and head.b.shape == (4, 128)
-    assert head.a.sharding.spec == P("fsdp", None) and head.b.sharding.spec == P(None, "tensor")
+    assert head.a.sharding.spec == P("fsdp", None) and head.b.sharding.spec == P(None, ("tensor", "fsdp"))
     # merging keeps every kernel in its sharding
     merged = merge(model.params, jax.tree.map(lambda x: x + 0.1, lora))
     for x, y in zip(jax.tree.leaves(merged), jax.tree.leaves(model.params)):

@@ -4,6 +4,8 @@ on a compile-only TPU topology from libtpu (CI installs it; JAXLORA_NO_TPU_AOT=1
 import json
 import os
 
+import dataclasses
+
 import pytest
 
 from jaxlora import plan as plan_lib
@@ -119,3 +121,20 @@ def test_tiny_model_on_tiny_tpu_topology():
     big = plan_lib.plan(tiny_config(), "v5e-4", hf_config=TINY, micro_batch=2 ** 20, search=False,
                         lora_ga_steps=False)
     assert not big.train.fits and big.train.memory is None and big.train.over_bytes > 0
+
+
+def test_optimizer_offload_moves_state_to_host_on_tpu():
+    """optim.offload_state on a TPU compile: the Adam moments leave the chip's arguments/outputs for pinned host
+    memory (memory_analysis reports them as host bytes)."""
+    _libtpu_or_fail()
+    base = tiny_config()
+    plans = {}
+    for offload in (False, True):
+        cfg = dataclasses.replace(base, optim=dataclasses.replace(base.optim, offload_state=offload))
+        plans[offload] = plan_lib.plan(cfg, "v5e-4", hf_config=TINY, micro_batch=1, search=False,
+                                       lora_ga_steps=False).train
+    on_device, offloaded = plans[False], plans[True]
+    opt = on_device.parts["optimizer"]
+    assert offloaded.parts["optimizer (host)"] == opt and on_device.memory.host == 0
+    assert offloaded.memory.host >= opt
+    assert offloaded.memory.argument <= on_device.memory.argument - opt

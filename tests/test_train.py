@@ -223,6 +223,33 @@ def test_fsdp_shards_activations(assets, batches, monkeypatch):
     assert fsdp8_unconstrained > 3 * fsdp8, (fsdp8_unconstrained, fsdp8)
 
 
+def test_optimizer_state_offload_to_host(assets, batches):
+    """optim.offload_state keeps the Adam moments in pinned host memory between steps (memory kinds) and trains
+    exactly as with the state on the device (same losses, same adapters)."""
+    m = from_pretrained(assets / "model", mesh=sharding.make_mesh(MeshConfig(data=2, fsdp=4)))
+    lora = LoraConfig(target_modules="all-linear")
+    runs = {}
+    for offload in (False, True):
+        optim_cfg = OptimConfig(learning_rate=LR, schedule="constant", offload_state=offload)
+        run = RunConfig(lora=lora, optim=optim_cfg)
+        trainable, targets, params = train_lib.build_trainable(m, run, jax.random.PRNGKey(0))
+        tx, schedule = optim.make_optimizer(optim_cfg, 10, trainable)
+        sh = step_lib.trainable_shardings_for(m, targets, lora, trainable["full"])
+        state, state_sh = step_lib.init_state(trainable, tx, jax.random.PRNGKey(1), sh, m.mesh, offload)
+        step = step_lib.jit_train_step(
+            step_lib.make_train_step(m, tx, schedule, 1, state_sh.opt_state if offload else None),
+            m.param_shardings, state_sh, m.mesh)
+        losses = []
+        for b in batches[:3]:
+            state, metrics = step(params, state, step_lib.place_batch(b, m.mesh))
+            losses.append(float(metrics["loss"]))
+        kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state.opt_state)}
+        assert kinds == ({"pinned_host"} if offload else {"device"}), kinds
+        runs[offload] = (losses, host(state.trainable["lora"]))
+    np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), runs[True][1], runs[False][1])
+
+
 def cost_flops(compiled) -> float:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
