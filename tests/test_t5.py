@@ -272,10 +272,9 @@ def test_lora_module_names_are_peft_names(tiny):
 # ------------------------------------------------------------------------------------------ objective
 
 
-def test_lora_ga_keeps_step0_logits_and_training_fits(tiny):
-    """LoRA-GA estimates gradients through the T5 objective (packed over the mesh: "group" rows), leaves the logits
-    unchanged at step 0, and jaxlora's train step fits the batch."""
-    from jaxlora import optim, step as step_lib
+def test_lora_ga_keeps_step0_logits(tiny):
+    """LoRA-GA estimates gradients through the T5 objective (packed over the mesh: "group" rows) and leaves the
+    logits unchanged at step 0."""
     _, _, model = tiny("gated-gelu", False)
     ids, mask, labels = make_batch()
     host = {"input_ids": ids, "attention_mask": mask, "labels": labels}
@@ -288,15 +287,23 @@ def test_lora_ga_keeps_step0_logits_and_training_fits(tiny):
     assert err < 1e-4
     assert any(np.abs(np.asarray(w.b)).max() > 0 for _, w in lora_items(lora)), "LoRA-GA gives b a nonzero init"
 
+
+def test_train_step_fits_a_batch(tiny):
+    """jaxlora's train step (through `Model.loss_sums`: decoder inputs = labels shifted right) fits one batch."""
+    from jaxlora import optim, step as step_lib
+    _, _, model = tiny("gated-gelu", False)
+    ids, mask, labels = make_batch()
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v", "wo"])
+    lora = jaxlora.init_lora(model, cfg, jax.random.key(0))
     trainable = {"lora": lora, "full": {}}
-    tx, schedule = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-2, schedule="constant"), 20, trainable)
+    tx, schedule = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-2, schedule="constant"), 12, trainable)
     state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(trainable),
                                 rng=jax.random.key(0))
     train_step = jax.jit(step_lib.make_train_step(model, tx, schedule, 1))
-    batch = {k: jnp.asarray(v) for k, v in host.items()}
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "labels": jnp.asarray(labels)}
     losses = []
-    for _ in range(20):
-        state, metrics = train_step(params, state, batch)
+    for _ in range(12):
+        state, metrics = train_step(model.params, state, batch)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.7 * losses[0], losses
 
