@@ -28,7 +28,8 @@ from jaxlora.lora_weights import LoraWeights, is_lora_leaf
 INIT_METHODS = (True, False, "gaussian", "lora_ga")
 # PEFT's per-architecture default when target_modules is None (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
 DEFAULT_TARGETS = {"llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
-                   "bloom": ("query_key_value",), "gpt2": ("c_attn",), "bert": ("query", "value")}
+                   "bloom": ("query_key_value",), "gpt2": ("c_attn",), "bert": ("query", "value"),
+                   "t5": ("q", "v")}
 
 
 class LoraConfigError(ValueError):

@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxlora import hf_checkpoint, lora as lora_lib, sharding
 from jaxlora.hf_checkpoint import CheckpointError, NameRule, NameTable
-from jaxlora.models import bert, bloom, gpt2, llama
+from jaxlora.models import bert, bloom, gpt2, llama, t5
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,11 @@ FAMILIES["BloomForCausalLM"] = (bloom.BloomConfig, bloom.BloomForCausalLM, bloom
 FAMILIES["GPT2LMHeadModel"] = (gpt2.GPT2Config, gpt2.GPT2LMHeadModel, gpt2.NAMES)
 FAMILIES.update({arch: (bert.BertConfig, bert.BertForSequenceClassification, bert.NAMES)
                  for arch in bert.SUPPORTED_ARCHITECTURES})  # a bare BertModel gets a fresh classifier head
+FAMILIES["T5ForConditionalGeneration"] = (t5.T5Config, t5.T5ForConditionalGeneration, t5.NAMES)
 # A config.json without "architectures" names its causal LM by model_type.
 _ARCH_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                       "bloom": "BloomForCausalLM", "gpt2": "GPT2LMHeadModel", "bert": "BertModel"}
+                       "bloom": "BloomForCausalLM", "gpt2": "GPT2LMHeadModel", "bert": "BertModel",
+                       "t5": "T5ForConditionalGeneration"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
 
@@ -109,13 +111,14 @@ class Model:
     # ------------------------------------------------------------------------------------------ use
 
     def apply(self, params, input_ids, attention_mask=None, lora=None, *, positions=None,
-              deterministic: bool = True, dropout_rng: jax.Array | None = None) -> jax.Array:
-        """Logits (B, T, vocab); a classifier's (B, num_labels). `lora` is a LoRA tree (or None); dropout runs only
-        when deterministic=False."""
+              deterministic: bool = True, dropout_rng: jax.Array | None = None, **inputs) -> jax.Array:
+        """Logits (B, T, vocab); a classifier's (B, num_labels); an encoder-decoder's decoder logits (B, L, vocab).
+        `lora` is a LoRA tree (or None); dropout runs only when deterministic=False; `inputs` are the family's further
+        module inputs (T5's decoder_input_ids_BxL)."""
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
         with sharding.activation_sharding(self.mesh, self.rules):
             return self.module.apply({"params": params}, input_ids, attention_mask, positions, lora,
-                                     deterministic=deterministic, rngs=rngs)
+                                     deterministic=deterministic, rngs=rngs, **inputs)
 
     def loss_sums(self, params, batch: dict, lora=None, *, per_row: bool = False, deterministic: bool = True,
                   dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -123,11 +126,14 @@ class Model:
         `per_row`. Training (`jaxlora.step`) and LoRA-GA's gradient estimation both call this, so a model with another
         objective defines it once, as its family module's `loss_sums(logits, labels, per_row)`: a classifier (BERT)
         sums cross entropy over rows of (B,) class ids; the default is next-token cross entropy where labels are not
-        -100."""
+        -100. A family whose module takes more inputs than input_ids/attention_mask derives them from the batch with
+        `model_inputs(batch, config)` (T5: decoder inputs = labels shifted right)."""
         from jaxlora.step import token_loss_sums
-        objective = getattr(self._family(), "loss_sums", token_loss_sums)
+        family = self._family()
+        objective = getattr(family, "loss_sums", token_loss_sums)
+        inputs = family.model_inputs(batch, self.config) if hasattr(family, "model_inputs") else {}
         logits = self.apply(params, batch["input_ids"], batch["attention_mask"], lora=lora,
-                            deterministic=deterministic, dropout_rng=dropout_rng)
+                            deterministic=deterministic, dropout_rng=dropout_rng, **inputs)
         return objective(logits, batch["labels"], per_row=per_row)
 
     def _family(self):
