@@ -132,14 +132,16 @@ def pack_batches(batches: list[dict], divisor: int) -> tuple[list[dict], int]:
         chunk = batches[start:start + k]
         chunk = chunk + [{**chunk[0], "labels": np.full_like(chunk[0]["labels"], step_lib.IGNORE_INDEX)}] \
             * (k - len(chunk))
-        t = max(b["input_ids"].shape[1] for b in chunk)
         fill = {"input_ids": 0, "attention_mask": 0, "labels": step_lib.IGNORE_INDEX}
 
-        def right_pad(x, value):  # (rows, T) arrays to the pack's length; (rows,) labels (a classifier's) as they are
-            x = np.asarray(x)
-            return np.pad(x, ((0, 0), (0, t - x.shape[1])), constant_values=value) if x.ndim == 2 else x
-        packed.append({key: np.concatenate([right_pad(b[key], value) for b in chunk]) for key, value in fill.items()}
-                      | {"group": np.repeat(np.arange(k, dtype=np.int32), rows)})
+        def right_pad(key):  # (rows, T) arrays to the longest of the chunk (a seq2seq model's labels have their own
+            arrays = [np.asarray(b[key]) for b in chunk]  # length); (rows,) labels (a classifier's) as they are
+            if arrays[0].ndim != 2:
+                return np.concatenate(arrays)
+            t = max(x.shape[1] for x in arrays)
+            return np.concatenate([np.pad(x, ((0, 0), (0, t - x.shape[1])), constant_values=fill[key])
+                                   for x in arrays])
+        packed.append({key: right_pad(key) for key in fill} | {"group": np.repeat(np.arange(k, dtype=np.int32), rows)})
     return packed, k
 
 

@@ -179,13 +179,17 @@ SHAPES = {
     "llama-3-70b": dict(_LLAMA, vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                         num_attention_heads=64, num_key_value_heads=8, rope_theta=500000.0,
                         max_position_embeddings=8192),
+    "bloom-7b1": dict(architectures=["BloomForCausalLM"], model_type="bloom", vocab_size=250880, hidden_size=4096,
+                      n_layer=30, n_head=32, layer_norm_epsilon=1e-5, apply_residual_connection_post_layernorm=False,
+                      tie_word_embeddings=True),
 }
 
 
 # Hub ids of the same shapes, so the configs in configs/ plan offline.
 _HUB_SHAPES = {"meta-llama/Llama-2-7b-hf": "llama-2-7b", "meta-llama/Llama-2-7b-chat-hf": "llama-2-7b",
                "meta-llama/Llama-2-13b-hf": "llama-2-13b", "meta-llama/Llama-2-13b-chat-hf": "llama-2-13b",
-               "meta-llama/Meta-Llama-3-70B": "llama-3-70b", "meta-llama/Meta-Llama-3-70B-Instruct": "llama-3-70b"}
+               "meta-llama/Meta-Llama-3-70B": "llama-3-70b", "meta-llama/Meta-Llama-3-70B-Instruct": "llama-3-70b",
+               "bigscience/bloom-7b1": "bloom-7b1", "bigscience/bloomz-7b1-mt": "bloom-7b1"}
 
 
 def hf_config_of(path: str) -> dict:

@@ -28,7 +28,7 @@ from jaxlora.hf_checkpoint import NameRule, NameTable
 from jaxlora.step import IGNORE_INDEX
 from jaxlora.models.bloom import hf_field, layer_norm
 from jaxlora.models.gpt2 import ACTIVATIONS
-from jaxlora.models.llama import LayerPart, LoraDense, _remat_policy
+from jaxlora.models.llama import LayerPart, LoraDense, ModelRoot, _remat_policy
 
 SUPPORTED_ARCHITECTURES = ("BertForSequenceClassification", "BertModel")
 
@@ -263,14 +263,8 @@ class BertModel(nn.Module):
         return x_BxTxD, pooled_BxD
 
 
-class BertForSequenceClassification(nn.Module):
+class BertForSequenceClassification(ModelRoot):
     """`classifier` over BERT's pooled [CLS]: logits (B, num_labels) in the compute dtype."""
-
-    cfg: BertConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    remat: str = "none"
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None, lora=None,

@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxlora import sharding
 from jaxlora.hf_checkpoint import NameRule, NameTable
-from jaxlora.models.llama import LayerPart, LoraDense, _remat_policy, causal_padding_mask
+from jaxlora.models.llama import LayerPart, LoraDense, ModelRoot, _remat_policy, causal_padding_mask
 
 SUPPORTED_ARCHITECTURES = ("BloomForCausalLM",)
 
@@ -221,14 +221,8 @@ def alibi_positions(attention_mask_BxT: jax.Array) -> jax.Array:
     return (jnp.cumsum(mask, axis=-1) - 1) * mask
 
 
-class BloomForCausalLM(nn.Module):
+class BloomForCausalLM(ModelRoot):
     """Causal LM head over `BloomModel` (tied to the word embeddings unless the config says otherwise)."""
-
-    cfg: BloomConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    remat: str = "none"
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None, lora=None,

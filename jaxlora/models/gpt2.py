@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jaxlora import sharding
 from jaxlora.hf_checkpoint import NameRule, NameTable
 from jaxlora.models.bloom import hf_field, layer_norm
-from jaxlora.models.llama import LayerPart, LoraDense, _remat_policy, causal_padding_mask
+from jaxlora.models.llama import LayerPart, LoraDense, ModelRoot, _remat_policy, causal_padding_mask
 
 SUPPORTED_ARCHITECTURES = ("GPT2LMHeadModel",)
 
@@ -192,14 +192,8 @@ class GPT2Model(nn.Module):
         return layer_norm(c.layer_norm_epsilon, self.dtype, self.param_dtype, "ln_f")(x), wte
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(ModelRoot):
     """Causal LM head over `GPT2Model` (tied to wte unless the config says otherwise)."""
-
-    cfg: GPT2Config
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    remat: str = "none"
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None, lora=None,

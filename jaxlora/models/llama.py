@@ -329,14 +329,19 @@ def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype) -> dict:
 CACHE_AXES = ("layers", "batch", "seq", "kv_heads", None)
 
 
-class LlamaForCausalLM(nn.Module):
-    """Causal LM head over `LlamaModel`; returns logits (B, T, vocab) in the compute dtype."""
+class ModelRoot(nn.Module):
+    """The fields every family's top module gets from `Model._build`: its config dataclass, the compute and
+    parameter dtypes, the remat policy and the attention implementation."""
 
-    cfg: LlamaConfig
+    cfg: Any
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str = "none"
     attention_impl: str | None = None
+
+
+class LlamaForCausalLM(ModelRoot):
+    """Causal LM head over `LlamaModel`; returns logits (B, T, vocab) in the compute dtype."""
 
     @nn.compact
     def __call__(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None, lora=None,

@@ -37,7 +37,7 @@ from jaxlora import sharding
 from jaxlora.hf_checkpoint import NameRule, NameTable
 from jaxlora.models.bloom import hf_field
 from jaxlora.models.gpt2 import ACTIVATIONS
-from jaxlora.models.llama import LayerPart, LoraDense, RMSNorm, _remat_policy
+from jaxlora.models.llama import LayerPart, LoraDense, ModelRoot, RMSNorm, _remat_policy
 from jaxlora.step import IGNORE_INDEX
 
 SUPPORTED_ARCHITECTURES = ("T5ForConditionalGeneration",)
@@ -299,14 +299,8 @@ class T5Stack(LayerPart):
         return RMSNorm(c.layer_norm_epsilon, self.dtype, self.param_dtype, name="final_layer_norm")(x_BxTxD)
 
 
-class T5ForConditionalGeneration(nn.Module):
+class T5ForConditionalGeneration(ModelRoot):
     """Encoder, decoder and LM head: decoder logits (B, L, vocab) in the compute dtype."""
-
-    cfg: T5Config
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    remat: str = "none"
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None, lora=None,
