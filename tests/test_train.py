@@ -434,9 +434,9 @@ def test_checkpoints_are_adapter_sized_and_rotated(model, resume_runs):
 def test_nan_loss_stops_before_checkpointing(assets, tmp_path, monkeypatch):
     real = step_lib.make_train_step
 
-    def diverging(model, tx, schedule, accum):
+    def diverging(model, tx, schedule, accum, offloaded_opt_shardings=None):
         """The real step, whose state turns NaN when it enters step 6 (state.step == 5), a checkpoint step."""
-        step = real(model, tx, schedule, accum)
+        step = real(model, tx, schedule, accum, offloaded_opt_shardings)
 
         def train_step(params, state, batch):
             bad = state.step == 5
