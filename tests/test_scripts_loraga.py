@@ -9,38 +9,12 @@ Each runs in a subprocess with one CPU device (the suite's 8 simulated devices a
 from __future__ import annotations
 
 import json
-import math
-import os
-import pathlib
 import re
-import subprocess
 import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-TIMEOUT = int(os.environ.get("JAXLORA_SCRIPT_TEST_TIMEOUT", "900"))  # < 60 s each on an idle 2-core machine
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if "force_host_platform_device_count" not in f)
-    env["JAX_PLATFORMS"] = "cpu"
-    env["HF_HUB_OFFLINE"] = "1"
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    return env
-
-
-def _run(args: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
+from scripts_harness import finite as _finite, run_script as _run
 
 
 def test_loraga_subspace_quick(tmp_path):
