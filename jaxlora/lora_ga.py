@@ -446,10 +446,6 @@ def lora_ga_init(model, lora_config, batches: Iterable[Mapping[str, Any]], *, pa
     if lora_config.init_lora_weights != "lora_ga":
         raise LoraGAError("lora_ga_init needs a LoraConfig with init_lora_weights='lora_ga'")
     ga = lora_config.lora_ga_config or LoraGAConfig()
-    if lora_config.lora_dropout > 0:
-        log.warning("LoRA-GA with lora_dropout=%g: in training mode dropout also perturbs s*x*a0*b0, the part that "
-                    "cancels the residual base, so training does not start at the base model; use lora_dropout=0",
-                    lora_config.lora_dropout)
     params = model.params if params is None else params
     targets = model.lora_targets(lora_config)
     _check_targets(model, targets, ga)

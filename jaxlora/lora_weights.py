@@ -10,8 +10,9 @@ alpha/sqrt(r)) and `dropout` are static, so every model call knows how to apply 
 and a jit recompiles if they change.
 
 `a0`/`b0` are set only by base-modifying inits (LoRA-GA): the initial factors, whose product s*a0@b0 was subtracted
-from the frozen kernel. They stay frozen (the optimizer routes them to `set_to_zero`, the forward never reads them)
-and let an adapter be exported relative to the ORIGINAL base: a' = [a, a0], b' = [b, -b0].
+from the frozen kernel. They stay frozen (the optimizer routes them to `set_to_zero`; the forward reads them only
+in training mode with dropout, which then acts on the update s*(a@b - a0@b0) alone) and let an adapter be exported
+relative to the ORIGINAL base: a' = [a, a0], b' = [b, -b0].
 """
 
 from __future__ import annotations

@@ -387,7 +387,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--full-seeds", type=int, default=1, help="seeds for full fine-tuning (the first N of --seeds)")
     p.add_argument("--lora-lrs", default="1e-4,3e-4,1e-3")
-    p.add_argument("--loraga-lrs", default="1e-5,3e-5,1e-4")
+    p.add_argument("--loraga-lrs", default="3e-5,1e-4,3e-4")
     p.add_argument("--full-lrs", default="1e-5,3e-5")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--ga-batches", type=int, default=16, help="LoRA-GA estimation batches of 2 examples")

@@ -13,7 +13,7 @@ Every parameter carries logical axis names (`nn.with_logical_partitioning`); `ja
 mesh axes. LoRA is not a variable of this module: the LoRA tree is an *argument* of `__call__`, threaded down to
 each `LoraDense` (and sliced per layer by the scan), so adapters are differentiated as plain function inputs and the
 frozen kernel never receives a weight gradient. The forward adds `s * dropout(x) @ a @ b` and never forms
-`W + s*a@b`.
+`W + s*a@b` (for LoRA-GA, whose kernel holds W - s*a0@b0, dropout acts on the update only: `LoraDense._lora_branch`).
 
 Generation passes a KV cache (`init_cache`: (layers, B, S, kv_heads, head_dim) keys and values, scanned with the
 layers): the new tokens' keys/values are written at slot `cache_index` and attention runs over all S slots under a
@@ -182,10 +182,25 @@ class LoraDense(nn.Module):
                               (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
         if lora is not None:
-            x_in = nn.Dropout(rate=lora.dropout)(x, deterministic=self.deterministic)
-            branch = low_rank_matmul(x_in.astype(self.dtype), lora.a.astype(self.dtype), lora.b.astype(self.dtype))
-            y = y + (lora.scale * branch).astype(y.dtype)
+            y = y + (lora.scale * self._lora_branch(x, lora)).astype(y.dtype)
         return sharding.constrain(y, sharding.activation_axes(y.ndim, self.kernel_axes[1]))
+
+    def _lora_branch(self, x, lora: LoraWeights):
+        """x @ a @ b with LoRA dropout on the input; for a base-modifying init, dropout acts on the update only.
+
+        A LoRA-GA kernel holds W0 - s*a0@b0, and s*x@a@b starts equal to s*x@a0@b0 to cancel it. Dropping the input
+        of the whole branch would also perturb that cancelling part (training would not start at the base model).
+        Instead the adapter's update relative to the ORIGINAL base, s*(a@b - a0@b0), sees the dropped input and the
+        cancelling part the clean one:  x@a0@b0 + drop(x)@(a@b - a0@b0) = drop(x)@a@b + (x - drop(x))@a0@b0.
+        That is exactly how the exported adapter (a' = [a, a0], b' = [b, -b0] on W0) behaves under PEFT's dropout.
+        """
+        cast = lambda t: t.astype(self.dtype)
+        x_in = nn.Dropout(rate=lora.dropout)(x, deterministic=self.deterministic)
+        branch = low_rank_matmul(cast(x_in), cast(lora.a), cast(lora.b))
+        if lora.modifies_base and lora.dropout > 0 and not self.deterministic:
+            a0, b0 = jax.lax.stop_gradient((lora.a0, lora.b0))
+            branch = branch + low_rank_matmul(cast(x - x_in), cast(a0), cast(b0))
+        return branch
 
 
 class LayerPart(nn.Module):
