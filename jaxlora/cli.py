@@ -22,7 +22,7 @@ import sys
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxlora", description="LoRA fine-tuning of Hugging Face LMs in JAX")
     sub = p.add_subparsers(dest="command", required=True)
-    for name, help_text in (("train", "fine-tune with LoRA"), ("eval", "held-out loss of a run's checkpoint"),
+    for name, help_text in (("train", "fine-tune with LoRA"), ("eval", "held-out loss (and accuracy with data.label_words) of a run's checkpoint"),
                             ("export", "write merged HF safetensors (base + LoRA)")):
         c = sub.add_parser(name, help=help_text)
         c.add_argument("--config", required=True, help="YAML run config (see configs/)")

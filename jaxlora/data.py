@@ -5,6 +5,11 @@ files, ``save_to_disk`` folders, or hub names), rendered with prompt/response
 templates or the tokenizer's chat template, and tokenized with the prompt
 masked out of the loss (label -100), as in the alpaca-lora / BELLE recipes.
 
+For an encoder-decoder (T5) the layout is seq2seq instead: the prompt is the
+encoder's ``input_ids`` and the response (+ eos) the decoder's ``labels``, each
+padded to its own buckets. Classification data can name its target by class id
+(``label_words``: record["label"] = 1 -> "positive"), as T5 casts GLUE.
+
 Batches are padded to one of a small, fixed set of lengths ("buckets") so a
 jitted train step compiles only a bounded number of shapes. ``BatchLoader.batch``
 is a pure function of the step number, so resuming from a checkpoint at step N
@@ -32,7 +37,7 @@ IGNORE_INDEX = -100  # label value the loss ignores (matches PyTorch/HF conventi
 
 _FORMATS = ("template", "chat")
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-_CACHE_VERSION = "1"  # bump when tokenize_example's output changes meaning
+_CACHE_VERSION = "2"  # bump when tokenize_example's output changes meaning
 
 # datasets>=4 spells a list feature List; 3.x only has Sequence (pyproject allows >=3.0).
 _ListFeature = getattr(datasets, "List", datasets.Sequence)
@@ -43,6 +48,7 @@ _TOKENIZED_FEATURES = datasets.Features(
         "input_ids": _ListFeature(datasets.Value("int32")),
         "labels": _ListFeature(datasets.Value("int32")),
         "length": datasets.Value("int32"),
+        "label_length": datasets.Value("int32"),
         "num_trained": datasets.Value("int32"),
         "truncated": datasets.Value("bool"),
     }
@@ -88,10 +94,25 @@ class DataConfig:
     max_examples: int | None = None
     # Where tokenized datasets are cached (datasets' map cache); None = datasets default.
     cache_dir: str | None = None
+    # Split of eval_path to read (hub dataset / DatasetDict folder); None = `split`.
+    eval_split: str | None = None
+    # Layout: False = one causal-LM sequence (prompt + response); True = prompt -> encoder input_ids, response ->
+    # decoder labels (encoder-decoders); None = follow the model (the trainer resolves it).
+    seq2seq: bool | None = None
+    # seq2seq: longest decoder target (longer ones are truncated); None = max_length.
+    max_target_length: int | None = None
+    # seq2seq: padded target lengths; () = powers of two from 8 up to max_target_length.
+    target_bucket_lengths: tuple[int, ...] = ()
+    # Classification: the response is label_words[record[label_field]] (class id -> word, T5's GLUE casting); the
+    # trainer then also reports held-out accuracy by scoring every label word (jaxlora.t5_glue).
+    label_words: tuple[str, ...] = ()
+    label_field: str = "label"
 
     def __post_init__(self) -> None:
         # Accept lists (e.g. from YAML/JSON configs) but store a hashable tuple.
         object.__setattr__(self, "bucket_lengths", tuple(self.bucket_lengths))
+        object.__setattr__(self, "target_bucket_lengths", tuple(self.target_bucket_lengths))
+        object.__setattr__(self, "label_words", tuple(self.label_words))
         if not 0.0 <= self.eval_fraction < 1.0:
             raise DataError(f"DataConfig.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.format not in _FORMATS:
@@ -101,22 +122,40 @@ class DataConfig:
         if self.max_examples is not None and self.max_examples < 0:
             raise DataError(f"DataConfig.max_examples must be >= 0 or None, got {self.max_examples}")
         _check_buckets(self.bucket_lengths, self.max_length)
+        if self.max_target_length is not None and self.max_target_length <= 0:
+            raise DataError(f"DataConfig.max_target_length must be > 0 or None, got {self.max_target_length}")
+        _check_buckets(self.target_bucket_lengths, self.target_length, "target_bucket_lengths", "max_target_length")
+        if self.seq2seq and self.train_on_inputs:
+            raise DataError("DataConfig.train_on_inputs has no meaning with seq2seq: the prompt is the encoder's input, "
+                            "never a target")
+        if self.label_words:
+            if self.format != "template":
+                raise DataError("DataConfig.label_words needs format 'template' (the response is the class's word)")
+            if self.response_template != "{target}":
+                raise DataError("DataConfig.label_words sets the response (label_words[record[label_field]]); "
+                                "leave response_template at its default")
+            if len(set(self.label_words)) != len(self.label_words) or not all(self.label_words):
+                raise DataError(f"DataConfig.label_words must be distinct, non-empty words, got {self.label_words}")
         if self.format == "template":
             _template_fields(self.prompt_template, "prompt_template")
             _template_fields(self.response_template, "response_template")
 
+    @property
+    def target_length(self) -> int:
+        """The longest decoder target of the seq2seq layout."""
+        return self.max_target_length or self.max_length
 
-def _check_buckets(buckets: tuple[int, ...], max_length: int) -> None:
+
+def _check_buckets(buckets: tuple[int, ...], max_length: int, name: str = "bucket_lengths",
+                   max_name: str = "max_length") -> None:
     """Raises DataError unless buckets are strictly increasing ints in (0, max_length]."""
     for b in buckets:
         if not isinstance(b, (int, np.integer)) or b <= 0:
-            raise DataError(f"DataConfig.bucket_lengths must be positive ints, got {buckets}")
+            raise DataError(f"DataConfig.{name} must be positive ints, got {buckets}")
     if list(buckets) != sorted(set(buckets)):
-        raise DataError(f"DataConfig.bucket_lengths must be strictly increasing, got {buckets}")
+        raise DataError(f"DataConfig.{name} must be strictly increasing, got {buckets}")
     if buckets and buckets[-1] > max_length:
-        raise DataError(
-            f"DataConfig.bucket_lengths must be <= max_length={max_length}, got {buckets}"
-        )
+        raise DataError(f"DataConfig.{name} must be <= {max_name}={max_length}, got {buckets}")
 
 
 def _template_fields(template: str, name: str) -> list[str]:
@@ -152,15 +191,26 @@ def bucket_lengths(cfg: DataConfig) -> tuple[int, ...]:
         ``max_length``, always followed by ``max_length`` itself so every
         (truncated) sequence fits some bucket.
     """
-    if cfg.bucket_lengths:
-        buckets = list(cfg.bucket_lengths)
+    return _ladder(cfg.bucket_lengths, cfg.max_length, 64)
+
+
+def target_bucket_lengths(cfg: DataConfig) -> tuple[int, ...]:
+    """The padded decoder-target lengths of seq2seq batches: ``cfg.target_bucket_lengths`` if given, else powers of
+    two from 8 below ``cfg.target_length``, always followed by ``cfg.target_length`` itself."""
+    return _ladder(cfg.target_bucket_lengths, cfg.target_length, 8)
+
+
+def _ladder(given: tuple[int, ...], longest: int, first: int) -> tuple[int, ...]:
+    """``given``, or powers of two from ``first`` below ``longest``; ``longest`` always last."""
+    if given:
+        buckets = list(given)
     else:
-        buckets, b = [], 64
-        while b < cfg.max_length:
+        buckets, b = [], first
+        while b < longest:
             buckets.append(b)
             b *= 2
-    if not buckets or buckets[-1] != cfg.max_length:
-        buckets.append(cfg.max_length)
+    if not buckets or buckets[-1] != longest:
+        buckets.append(longest)
     return tuple(int(b) for b in buckets)
 
 
@@ -317,8 +367,19 @@ def _token_ids(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]
 def _template_parts(record: Mapping[str, Any], cfg: DataConfig, tokenizer: Any) -> tuple[list[int], list[int]]:
     """(prompt ids with the tokenizer's default special tokens, response ids without)."""
     prompt = _render(cfg.prompt_template, record, "prompt_template")
-    response = _render(cfg.response_template, record, "response_template")
+    response = _label_word(record, cfg) if cfg.label_words else _render(cfg.response_template, record,
+                                                                         "response_template")
     return _token_ids(tokenizer, prompt, True), _token_ids(tokenizer, response, False)
+
+
+def _label_word(record: Mapping[str, Any], cfg: DataConfig) -> str:
+    """label_words[record[label_field]], or DataError naming the field, its value and the classes."""
+    value = _field(record, cfg.label_field)
+    n = len(cfg.label_words)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < n:
+        raise DataError(f"field {cfg.label_field!r} is {value!r}, not a class id in [0, {n}) "
+                        f"(label_words: {', '.join(cfg.label_words)})")
+    return cfg.label_words[int(value)]
 
 
 def _chat_messages(record: Mapping[str, Any], cfg: DataConfig) -> tuple[list[dict], list[dict]]:
@@ -364,6 +425,8 @@ def tokenize_example(record: Mapping[str, Any], cfg: DataConfig, tokenizer: Any)
         labels equal input_ids except -100 on prompt tokens (unless
         ``cfg.train_on_inputs``). Labels are not shifted. Sequences longer than
         ``cfg.max_length`` keep their beginning and have ``truncated=True``.
+        With ``cfg.seq2seq``, input_ids is the prompt alone and labels the
+        response (+ eos), each with its own length limit.
 
     Raises:
         DataError: a field the templates need is missing (the message names it
@@ -375,6 +438,8 @@ def tokenize_example(record: Mapping[str, Any], cfg: DataConfig, tokenizer: Any)
     # Chat templates often end the turn with eos already; don't train on two.
     if cfg.add_eos and eos is not None and not (response_ids and response_ids[-1] == eos):
         response_ids = response_ids + [eos]
+    if cfg.seq2seq:
+        return _seq2seq_example(prompt_ids, response_ids, cfg, eos)
     input_ids = prompt_ids + response_ids
     prompt_labels = prompt_ids if cfg.train_on_inputs else [IGNORE_INDEX] * len(prompt_ids)
     labels = prompt_labels + response_ids
@@ -383,6 +448,32 @@ def tokenize_example(record: Mapping[str, Any], cfg: DataConfig, tokenizer: Any)
         "input_ids": input_ids[: cfg.max_length],
         "labels": labels[: cfg.max_length],
         "truncated": truncated,
+    }
+
+
+def label_word_ids(cfg: DataConfig, tokenizer: Any) -> list[list[int]]:
+    """The decoder targets ``tokenize_example`` gives each of ``cfg.label_words`` (class order), for scoring."""
+    if not cfg.label_words:
+        raise DataError("DataConfig.label_words is empty")
+    as_targets = dataclasses.replace(cfg, seq2seq=True, train_on_inputs=False)
+    return [tokenize_example({cfg.label_field: c, **_placeholders(cfg)}, as_targets, tokenizer)["labels"]
+            for c in range(len(cfg.label_words))]
+
+
+def _placeholders(cfg: DataConfig) -> dict[str, str]:
+    """An empty value for every field the prompt template reads (label_word_ids only needs the response)."""
+    return {f: "" for f in _template_fields(cfg.prompt_template, "prompt_template") if f != cfg.label_field}
+
+
+def _seq2seq_example(prompt_ids: list[int], response_ids: list[int], cfg: DataConfig, eos: int | None) -> dict:
+    """Encoder input = the prompt (its tokenizer's eos kept last when cut), decoder labels = the response."""
+    input_ids = prompt_ids[: cfg.max_length]
+    if len(prompt_ids) > cfg.max_length and eos is not None and prompt_ids[-1] == eos:
+        input_ids[-1] = eos  # T5's tokenizer ends every input with </s>; truncation keeps it, as HF's does
+    return {
+        "input_ids": input_ids,
+        "labels": response_ids[: cfg.target_length],
+        "truncated": len(prompt_ids) > cfg.max_length or len(response_ids) > cfg.target_length,
     }
 
 
@@ -399,6 +490,7 @@ class TokenizedData:
         num_truncated: examples of this part cut to max_length (kept or dropped).
         num_dropped: examples dropped because no label survived truncation.
         source: where the data came from, for messages.
+        seq2seq: labels are decoder targets of their own length (``label_length`` column), not aligned with input_ids.
     """
 
     dataset: datasets.Dataset
@@ -406,6 +498,7 @@ class TokenizedData:
     num_truncated: int = 0
     num_dropped: int = 0
     source: str = ""
+    seq2seq: bool = False
 
     def __len__(self) -> int:
         return self.num_examples
@@ -419,6 +512,17 @@ class TokenizedData:
             object.__setattr__(self, "_lengths", cached)
         return cached
 
+    @property
+    def label_lengths(self) -> np.ndarray:
+        """Decoder-target length of every example (seq2seq; == lengths otherwise), cached on first use."""
+        if not self.seq2seq:
+            return self.lengths
+        cached = self.__dict__.get("_label_lengths")
+        if cached is None:
+            cached = np.asarray(self.dataset.with_format("numpy")["label_length"], dtype=np.int32)
+            object.__setattr__(self, "_label_lengths", cached)
+        return cached
+
     def rows(self, indices: Sequence[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(input_ids, labels) of the given examples, in the given order."""
         if len(indices) == 0:
@@ -430,29 +534,26 @@ class TokenizedData:
 
     @classmethod
     def from_lists(
-        cls, input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], source: str = "<memory>"
+        cls, input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], source: str = "<memory>",
+        seq2seq: bool = False,
     ) -> TokenizedData:
         """Builds in-memory data from token lists (handy for tests and small evals)."""
         if len(input_ids) != len(labels):
             raise DataError(f"{source}: {len(input_ids)} input_ids rows but {len(labels)} labels rows")
         for i, (x, y) in enumerate(zip(input_ids, labels)):
-            if len(x) != len(y):
+            if len(x) != len(y) and not seq2seq:
                 raise DataError(f"{source}: example {i}: {len(x)} input_ids but {len(y)} labels")
+        columns = ("input_ids", "labels", "length", "label_length")
         ds = datasets.Dataset.from_dict(
             {
                 "input_ids": [list(map(int, x)) for x in input_ids],
                 "labels": [list(map(int, y)) for y in labels],
                 "length": [len(x) for x in input_ids],
+                "label_length": [len(y) for y in labels],
             },
-            features=datasets.Features(
-                {
-                    "input_ids": _TOKENIZED_FEATURES["input_ids"],
-                    "labels": _TOKENIZED_FEATURES["labels"],
-                    "length": _TOKENIZED_FEATURES["length"],
-                }
-            ),
+            features=datasets.Features({c: _TOKENIZED_FEATURES[c] for c in columns}),
         )
-        return cls(dataset=ds, num_examples=len(ds), source=source)
+        return cls(dataset=ds, num_examples=len(ds), source=source, seq2seq=seq2seq)
 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -489,6 +590,7 @@ def _cache_key(cfg: DataConfig, tokenizer: Any, path: str, records: datasets.Dat
         for f in (
             "format", "prompt_template", "response_template", "messages_field",
             "train_on_inputs", "max_length", "add_eos", "max_examples", "split",
+            "seq2seq", "max_target_length", "label_words", "label_field",
         )
     }
     blob = json.dumps(
@@ -514,6 +616,7 @@ def _tokenize_records(
         except DataError as err:
             raise DataError(f"{_where(path, index)}: {err}") from None
         out["length"] = len(out["input_ids"])
+        out["label_length"] = len(out["labels"])
         out["num_trained"] = sum(1 for y in out["labels"] if y != IGNORE_INDEX)
         return out
 
@@ -567,20 +670,21 @@ def load_tokenized(cfg: DataConfig, tokenizer: Any, split: str = "train") -> Tok
     if split == "eval" and not use_eval_path and cfg.eval_fraction == 0.0:
         raise DataError("no eval data: set DataConfig.eval_path or DataConfig.eval_fraction > 0")
     path = cfg.eval_path if use_eval_path else cfg.path
+    split_name = (cfg.eval_split or cfg.split) if use_eval_path else cfg.split
 
-    records = load_records(path, cfg.split, cache_dir=cfg.cache_dir)
+    records = load_records(path, split_name, cache_dir=cfg.cache_dir)
     if cfg.max_examples is not None and cfg.max_examples < len(records):
         records = records.select(range(cfg.max_examples))
     # Tokenize before splitting off eval: record indices in errors match the file,
     # and train and eval share one cache file.
-    tokenized = _tokenize_records(records, cfg, tokenizer, path)
+    tokenized = _tokenize_records(records, dataclasses.replace(cfg, split=split_name), tokenizer, path)
     if not use_eval_path and cfg.eval_fraction > 0.0:
         train_idx, eval_idx = _eval_split(len(tokenized), cfg.eval_fraction)
         tokenized = tokenized.select(eval_idx if split == "eval" else train_idx)
-    return _drop_untrainable(tokenized, path)
+    return _drop_untrainable(tokenized, path, bool(cfg.seq2seq))
 
 
-def _drop_untrainable(tokenized: datasets.Dataset, path: str) -> TokenizedData:
+def _drop_untrainable(tokenized: datasets.Dataset, path: str, seq2seq: bool = False) -> TokenizedData:
     """Drops examples with no trained label (would give a 0/0 loss) and counts."""
     cols = tokenized.with_format("numpy")
     num_trained = np.asarray(cols["num_trained"])
@@ -590,11 +694,12 @@ def _drop_untrainable(tokenized: datasets.Dataset, path: str) -> TokenizedData:
     if num_dropped:
         tokenized = tokenized.select(keep)
     return TokenizedData(
-        dataset=tokenized.select_columns(["input_ids", "labels", "length"]),
+        dataset=tokenized.select_columns(["input_ids", "labels", "length", "label_length"]),
         num_examples=len(tokenized),
         num_truncated=num_truncated,
         num_dropped=num_dropped,
         source=path,
+        seq2seq=seq2seq,
     )
 
 
@@ -620,6 +725,7 @@ class BatchLoader:
         process_index: int = 0,
         process_count: int = 1,
         shuffle: bool = True,
+        label_bucket_lengths: Sequence[int] | None = None,
     ) -> None:
         """Creates the loader.
 
@@ -633,6 +739,7 @@ class BatchLoader:
             process_count: number of processes (e.g. ``jax.process_count()``).
             shuffle: False keeps the data's order in every epoch (LoRA-GA's gradient estimation takes the first
                 examples, as the official code does).
+            label_bucket_lengths: seq2seq data: the padded decoder-target lengths (`target_bucket_lengths`).
 
         Raises:
             DataError: inconsistent sizes, or too few examples for one batch.
@@ -654,6 +761,11 @@ class BatchLoader:
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // process_count
         self.bucket_lengths = buckets
+        self.label_bucket_lengths = None
+        if data.seq2seq:
+            if not label_bucket_lengths:
+                raise DataError("seq2seq data needs label_bucket_lengths (data.target_bucket_lengths)")
+            self.label_bucket_lengths = tuple(int(b) for b in label_bucket_lengths)
         self.pad_id = int(pad_id)
         self.seed = seed
         self.process_index = process_index
@@ -670,6 +782,9 @@ class BatchLoader:
             raise DataError(
                 f"{data.source or 'data'}: a sequence of length {longest} exceeds the largest bucket {buckets[-1]}"
             )
+        if self.label_bucket_lengths and int(data.label_lengths.max()) > self.label_bucket_lengths[-1]:
+            raise DataError(f"{data.source or 'data'}: a target of length {int(data.label_lengths.max())} exceeds "
+                            f"the largest target bucket {self.label_bucket_lengths[-1]}")
         self.shuffle = shuffle
         self._perm_epoch: int | None = None
         self._perm: np.ndarray | None = None
@@ -695,6 +810,13 @@ class BatchLoader:
         longest = int(self._lengths[rows].max())
         return next(b for b in self.bucket_lengths if b >= longest)
 
+    def padded_label_length(self, rows: np.ndarray) -> int:
+        """Smallest target bucket that fits the longest target of ``rows`` (seq2seq); the input length otherwise."""
+        if self.label_bucket_lengths is None:
+            return self.padded_length(rows)
+        longest = int(self.data.label_lengths[rows].max())
+        return next(b for b in self.label_bucket_lengths if b >= longest)
+
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's slice of the batch at ``step``.
 
@@ -705,7 +827,8 @@ class BatchLoader:
             int32 arrays of shape (global_batch_size // process_count, L), L a
             bucket length: ``input_ids`` (right-padded with pad_id),
             ``attention_mask`` (1 real, 0 pad) and ``labels`` (-100 on padding
-            and masked prompt; aligned with input_ids, not shifted).
+            and masked prompt; aligned with input_ids, not shifted). For
+            seq2seq data labels are the decoder targets, (rows, target bucket).
         """
         rows = self.global_rows(step)
         length = self.padded_length(rows)
@@ -714,7 +837,7 @@ class BatchLoader:
         ids, labels = self.data.rows(local)
         out_ids = np.full((b, length), self.pad_id, dtype=np.int32)
         out_mask = np.zeros((b, length), dtype=np.int32)
-        out_labels = np.full((b, length), IGNORE_INDEX, dtype=np.int32)
+        out_labels = np.full((b, self.padded_label_length(rows)), IGNORE_INDEX, dtype=np.int32)
         for i, (x, y) in enumerate(zip(ids, labels)):
             out_ids[i, : len(x)] = x
             out_mask[i, : len(x)] = 1

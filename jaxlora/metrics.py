@@ -81,9 +81,10 @@ class MetricsLogger:
         if step % self.log_every == 0 or step == self.total_steps:
             self._write(record)
 
-    def log_eval(self, step: int, loss: float) -> None:
+    def log_eval(self, step: int, eval_loss: float, **extra: float) -> None:
+        """Held-out metrics: the loss (and its perplexity) and any others (eval_accuracy)."""
         import math
-        self._write({"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))})
+        self._write({"step": step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0)), **extra})
         self._last_time = None  # evaluation time is not training throughput
 
     def _write(self, record: dict) -> None:

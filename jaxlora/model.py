@@ -140,6 +140,11 @@ class Model:
         """The Python module of this model's family (jaxlora.models.<family>)."""
         return importlib.import_module(type(self.module).__module__)
 
+    @property
+    def is_encoder_decoder(self) -> bool:
+        """True for an encoder-decoder (T5): its training data has the seq2seq layout (`DataConfig.seq2seq`)."""
+        return bool(getattr(self._family(), "ENCODER_DECODER", False))
+
     def apply_cached(self, params, input_ids, cache_mask, positions, cache, cache_index, lora=None):
         """One prefill or decode step with a KV cache: (logits (B, T, vocab), updated cache).
 

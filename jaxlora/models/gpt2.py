@@ -23,8 +23,8 @@ import jax.numpy as jnp
 
 from jaxlora import sharding
 from jaxlora.hf_checkpoint import NameRule, NameTable
-from jaxlora.models.bloom import hf_field, layer_norm
-from jaxlora.models.llama import LayerPart, LoraDense, ModelRoot, _remat_policy, causal_padding_mask
+from jaxlora.models.bloom import BiasedMLP, hf_field, layer_norm, supported_architecture
+from jaxlora.models.llama import LayerPart, LayerStack, LoraDense, ModelRoot, causal_padding_mask, scanned_layers
 
 SUPPORTED_ARCHITECTURES = ("GPT2LMHeadModel",)
 
@@ -80,10 +80,7 @@ class GPT2Config:
 
     @classmethod
     def from_hf_dict(cls, hf: dict, where: str = "config.json") -> "GPT2Config":
-        arch = (hf.get("architectures") or ["GPT2LMHeadModel"])[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"{where}: unsupported architecture {arch!r}; supported: "
-                             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        arch = supported_architecture(hf, SUPPORTED_ARCHITECTURES, where)
         if hf.get("add_cross_attention", False):
             raise ValueError(f"{where}: add_cross_attention=true (GPT-2 as a decoder of an encoder-decoder model) "
                              f"is not supported")
@@ -139,16 +136,6 @@ class Attention(LayerPart):
         return proj(d, ("heads", "embed"), "c_proj", out.reshape(b, t, d))
 
 
-class MLP(LayerPart):
-    @nn.compact
-    def __call__(self, x_BxTxD, lora):
-        c, lora = self.cfg, lora or {}
-        dense = lambda f, axes, name, x: LoraDense(f, axes, True, self.dtype, self.param_dtype,
-                                                   self.deterministic, name=name)(x, lora.get(name))
-        up = dense(c.intermediate_size, ("embed", "mlp"), "c_fc", x_BxTxD)
-        return dense(c.hidden_size, ("mlp", "embed"), "c_proj", ACTIVATIONS[c.activation_function](up))
-
-
 class GPT2Block(LayerPart):
     """One pre-norm GPT-2 layer; scanned over the stacked layer axis (carry = hidden states)."""
 
@@ -159,17 +146,13 @@ class GPT2Block(LayerPart):
         norm = lambda name: layer_norm(c.layer_norm_epsilon, self.dtype, self.param_dtype, name)
         attn = Attention(c, self.dtype, self.param_dtype, self.deterministic, self.attention_impl, name="attn")
         h = x_BxTxD + attn(norm("ln_1")(x_BxTxD), layer_idx, mask, lora.get("attn"))
-        mlp = MLP(c, self.dtype, self.param_dtype, self.deterministic, name="mlp")
+        mlp = BiasedMLP(c, self.dtype, self.param_dtype, self.deterministic, names=("c_fc", "c_proj"),
+                        activation=ACTIVATIONS[c.activation_function], name="mlp")
         return h + mlp(norm("ln_2")(h), lora.get("mlp")), None
 
 
-class GPT2Model(nn.Module):
-    cfg: GPT2Config
-    dtype: Any
-    param_dtype: Any
-    remat: str
-    deterministic: bool
-    attention_impl: str | None
+class GPT2Model(LayerStack):
+    """Token + learned position embeddings, the scanned `h` blocks and `ln_f`: (hidden states, wte)."""
 
     @nn.compact
     def __call__(self, input_ids_BxT, attention_mask_BxT, positions_BxT, lora):
@@ -181,12 +164,7 @@ class GPT2Model(nn.Module):
         # positions are few and always gathered whole: replicated on that axis
         x = wte(input_ids_BxT) + embed(c.max_position_embeddings, (None, "embed"), "wpe")(positions_BxT)
         mask = causal_padding_mask(attention_mask_BxT, None)
-        layer_cls = GPT2Block
-        if self.remat != "none":
-            layer_cls = nn.remat(GPT2Block, policy=_remat_policy(self.remat), prevent_cse=False)
-        layers = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                         in_axes=(0, 0, nn.broadcast), length=c.num_hidden_layers,
-                         metadata_params={nn.PARTITION_NAME: "layers"})
+        layers = scanned_layers(GPT2Block, self.remat, c.num_hidden_layers, (0, 0, nn.broadcast))
         x, _ = layers(c, self.dtype, self.param_dtype, self.deterministic, self.attention_impl,
                       name="h")(x, lora.get("h"), jnp.arange(c.num_hidden_layers), mask)
         return layer_norm(c.layer_norm_epsilon, self.dtype, self.param_dtype, "ln_f")(x), wte

@@ -273,13 +273,30 @@ def _remat_policy(name: str):
             "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}.get(name)
 
 
-class LlamaModel(nn.Module):
-    cfg: LlamaConfig
+def scanned_layers(layer_cls, remat: str, length: int, in_axes: tuple):
+    """`layer_cls` run over a stacked layer axis, as every family's stack is: rematerialized per `remat`, params
+    stacked on axis 0 (logical name "layers"), fresh param and dropout rngs per layer, `in_axes` for the arguments
+    after the carry (0: sliced per layer, nn.broadcast: shared)."""
+    if remat != "none":
+        layer_cls = nn.remat(layer_cls, policy=_remat_policy(remat), prevent_cse=False)
+    return nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                   in_axes=in_axes, length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+class LayerStack(nn.Module):
+    """The fields of a module that owns a scanned layer stack (the families' `*Model`s): its family's config, the
+    compute and parameter dtypes, the remat policy, dropout off or on, and the attention implementation."""
+
+    cfg: Any
     dtype: Any
     param_dtype: Any
     remat: str
     deterministic: bool
     attention_impl: str | None
+
+
+class LlamaModel(LayerStack):
+    """Embeddings, the scanned decoder `layers` and the final norm: (hidden states, embedding, KV cache)."""
 
     @nn.compact
     def __call__(self, input_ids_BxT, attention_mask_BxT, positions_BxT, lora, cache=None, cache_index=None):
@@ -294,12 +311,8 @@ class LlamaModel(nn.Module):
             mask = causal_padding_mask(attention_mask_BxT, c.sliding_window)
         else:  # attention_mask covers the cache slots (B, S); the T new tokens sit at slots cache_index..
             mask = cached_causal_mask(attention_mask_BxT, input_ids_BxT.shape[1], cache_index, c.sliding_window)
-        layer_cls = DecoderLayer
-        if self.remat != "none":
-            layer_cls = nn.remat(DecoderLayer, policy=_remat_policy(self.remat), prevent_cse=False)
-        layers = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
-                         length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        layers = scanned_layers(DecoderLayer, self.remat, c.num_hidden_layers,
+                                (0, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast))
         x, cache = layers(c, self.dtype, self.param_dtype, self.deterministic, self.attention_impl,
                           name="layers")(x, lora.get("layers"), cos, sin, mask, cache, cache_index)
         return RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x), embed, cache

@@ -35,12 +35,13 @@ import numpy as np
 
 from jaxlora import sharding
 from jaxlora.hf_checkpoint import NameRule, NameTable
-from jaxlora.models.bloom import hf_field
+from jaxlora.models.bloom import hf_field, supported_architecture
 from jaxlora.models.gpt2 import ACTIVATIONS
-from jaxlora.models.llama import LayerPart, LoraDense, ModelRoot, RMSNorm, _remat_policy
+from jaxlora.models.llama import LayerPart, LoraDense, ModelRoot, RMSNorm, scanned_layers
 from jaxlora.step import IGNORE_INDEX
 
 SUPPORTED_ARCHITECTURES = ("T5ForConditionalGeneration",)
+ENCODER_DECODER = True  # training data is seq2seq: prompt -> encoder input_ids, response -> decoder labels
 
 _STACK = r"(encoder|decoder)/block/layer/(\d)"
 NAMES = NameTable(rules=(
@@ -87,10 +88,7 @@ class T5Config:
 
     @classmethod
     def from_hf_dict(cls, hf: dict, where: str = "config.json") -> "T5Config":
-        arch = (hf.get("architectures") or ["T5ForConditionalGeneration"])[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"{where}: unsupported architecture {arch!r}; supported: "
-                             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        arch = supported_architecture(hf, SUPPORTED_ARCHITECTURES, where)
         get = lambda *keys: hf_field(hf, keys, where)
         layers = get("num_layers", "num_hidden_layers")
         dec_layers = hf.get("num_decoder_layers") or layers
@@ -286,12 +284,8 @@ class T5Stack(LayerPart):
             cross_mask = enc_mask_BxS.astype(bool)[:, None, None, :]
         else:
             self_mask, cross_mask = attention_mask_BxT.astype(bool)[:, None, None, :], None
-        block_cls = Block
-        if self.remat != "none":
-            block_cls = nn.remat(Block, policy=_remat_policy(self.remat), prevent_cse=False)
-        blocks = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                         length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        blocks = scanned_layers(Block, self.remat, c.num_layers,
+                                (0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast))
         x_BxTxD, _ = blocks(c, self.dtype, self.param_dtype, self.deterministic, self.attention_impl,
                             is_decoder=self.is_decoder, name="block")(
             x_BxTxD, lora.get("block"), bias_1xNxTxT, self_mask, enc_BxSxD, cross_mask)
