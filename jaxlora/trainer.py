@@ -23,7 +23,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxlora import checkpoint as ckpt_lib
 from jaxlora import data as data_lib

@@ -31,12 +31,13 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from bench_common import PeakMeter, machine_info  # noqa: E402 (scripts/, beside this file)
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -46,69 +47,6 @@ TINY_LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_
                   intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1,
                   eos_token_id=2, pad_token_id=0)
-
-
-# ------------------------------------------------------------------------------------------ memory / machine
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _maxrss_kb() -> int:
-    import resource
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
-
-
-def _reset_peak() -> bool:
-    """Resets VmHWM (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-class PeakMeter:
-    """loaded RSS, absolute peak, and the peak above `loaded` from `mark()` on."""
-
-    def mark(self):
-        self.peak_before_kb = _maxrss_kb()
-        self.loaded_kb = _status_kb("VmRSS") or 0
-        self.reset = _reset_peak()
-
-    def result(self) -> dict:
-        after = _status_kb("VmHWM") if self.reset else None
-        after = after if after is not None else _maxrss_kb()
-        return {"rss_loaded_mb": self.loaded_kb / 1024, "peak_mb": max(self.peak_before_kb, _maxrss_kb()) / 1024,
-                "peak_after_load_mb": after / 1024, "delta_mb": (after - self.loaded_kb) / 1024,
-                "hwm_reset": self.reset}
-
-
-def machine_info() -> dict:
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return {"nproc": os.cpu_count(), "cpu": cpu, "mem_gib": mem, "platform": platform.platform()}
 
 
 # ------------------------------------------------------------------------------------------ workers

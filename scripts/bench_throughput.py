@@ -38,12 +38,13 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from bench_common import machine_info, maxrss_kb, reset_peak, status_kb, versions  # noqa: E402 (scripts/)
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -59,54 +60,6 @@ LLAMA_1B = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_si
                 intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                 max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
                 bos_token_id=1, eos_token_id=2, pad_token_id=2)
-
-
-# ------------------------------------------------------------------------------------------ memory / machine
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _maxrss_mb() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _reset_hwm() -> bool:
-    """Resets VmHWM (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def machine_info() -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"nproc": os.cpu_count(), "cpu": cpu, "platform": platform.platform(), "python": platform.python_version()}
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-    out = {}
-    for pkg in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -206,7 +159,7 @@ class JaxWorker:
         batches = _load_batches(args.batches_file)
         self.batches = [step_lib.place_batch(b, mesh) for b in batches]
         jax.block_until_ready((self.model.params, self.batches))
-        self.loaded_mb = (_status_kb("VmRSS") or 0) / 1024
+        self.loaded_mb = (status_kb("VmRSS") or 0) / 1024
         cfg = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=ALL_LINEAR)
         trainable, targets, self.params = build_trainable(self.model, RunConfig(lora=cfg), jax.random.key(args.seed))
         tx, schedule = optim.make_optimizer(optim.OptimConfig(learning_rate=args.lr, schedule="constant"), 10**6)
@@ -262,7 +215,7 @@ class PeftWorker:
         self.model = model.to(self.device)
         self.batches = [{k: torch.from_numpy(v).long().to(self.device) for k, v in b.items()}
                         for b in _load_batches(args.batches_file)]
-        self.loaded_mb = (_status_kb("VmRSS") or 0) / 1024
+        self.loaded_mb = (status_kb("VmRSS") or 0) / 1024
         cfg = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=list(ALL_LINEAR))
         self.model = get_peft_model(self.model, cfg)
         self.model.train()
@@ -314,7 +267,7 @@ def serve(args) -> None:
     t0 = time.perf_counter()
     warm_losses = w.run(0, args.warmup)
     warm_s = time.perf_counter() - t0
-    hwm_reset = _reset_hwm()
+    hwm_reset = reset_peak()
     reply({"build_s": build_s, "compile_s": w.compile_s, "warmup_s": warm_s, "warmup_losses": warm_losses,
            "loaded_rss_mb": w.loaded_mb, "lora_params": w.lora_params,
            "flops_per_token": getattr(w, "flops_per_token", None)})
@@ -327,8 +280,8 @@ def serve(args) -> None:
         elif cmd["op"] == "peak":
             reply({"peak_flops": w.peak_flops(args.dtype)})
         elif cmd["op"] == "finish":
-            steady = _status_kb("VmHWM") if hwm_reset else None
-            reply({"peak_rss_mb": _maxrss_mb(), "steady_rss_mb": steady / 1024 if steady else None,
+            steady = status_kb("VmHWM") if hwm_reset else None
+            reply({"peak_rss_mb": maxrss_kb() / 1024, "steady_rss_mb": steady / 1024 if steady else None,
                    "device_peak_mb": w.device_memory_mb(), "torch_threads": _torch_threads()})
             return
 
@@ -439,7 +392,7 @@ def run(args) -> dict:
     import shutil
     shutil.rmtree(workdir, ignore_errors=True)
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_info(),
-            "versions": _versions(), "load_start": load_start, "load_end": list(os.getloadavg()),
+            "versions": versions(), "load_start": load_start, "load_end": list(os.getloadavg()),
             "wall_s": time.perf_counter() - t_start, "model": _model_name(args), "data": prep["data"],
             "args": {k: getattr(args, k) for k in ("model", "seq", "batch", "r", "alpha", "lr", "warmup", "steps",
                                                    "blocks", "device", "dtype", "quick", "set",

@@ -49,6 +49,7 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
+from bench_common import machine_info, versions  # noqa: E402 (scripts/, beside this file)
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPT = "Question: {input}\nAnswer: "
@@ -418,8 +419,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    import platform
-    from importlib.metadata import version
     load_start, t_start = list(os.getloadavg()), time.perf_counter()
     study = Study(args)
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -464,8 +463,7 @@ def main(argv=None) -> dict:
              "scripts/convergence.py", *(argv if argv is not None else sys.argv[1:])]),
         "args": vars(args), "model": study.model_name, "n_train": study.n_train, "n_eval": len(study.eval_data),
         "n_acc": len(study.test_records), "grid_window": window, "backend": jax.default_backend(),
-        "machine": {"nproc": os.cpu_count(), "cpu": _cpu_name(), "platform": platform.platform()},
-        "versions": {k: version(k) for k in ("jax", "flax", "optax")},
+        "machine": machine_info(), "versions": versions(("jax", "flax", "optax")),
         "load_start": load_start, "load_end": list(os.getloadavg()), "wall_s": time.perf_counter() - t_start,
         "base": base, "grid": grid, "summary": summary,
         "runs": {m: [{"seed": r.seed, "lr": r.lr, "train_losses": r.train_losses, "evals": r.evals,
@@ -481,13 +479,6 @@ def main(argv=None) -> dict:
     (out / "train_filtered.jsonl").unlink(missing_ok=True)
     print(md)
     return res
-
-
-def _cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 if __name__ == "__main__":

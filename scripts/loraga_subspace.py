@@ -36,12 +36,12 @@ import functools
 import json
 import os
 import pathlib
-import platform
 import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
+from bench_common import machine_info  # noqa: E402 (scripts/, beside this file)
 
 TINY_LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128, hidden_size=64,
                   intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -50,19 +50,7 @@ PROMPT_TEMPLATE = "Question: {input}\nAnswer: "
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-# ------------------------------------------------------------------------------------------ machine / inputs
-
-
-def machine_info() -> dict:
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"nproc": os.cpu_count(), "cpu": cpu, "platform": platform.platform(), "loadavg": list(os.getloadavg())}
+# ------------------------------------------------------------------------------------------ inputs
 
 
 def gsm_batches(tokenizer, num_batches: int, batch_size: int, max_length: int, data_path: str | None = None,
@@ -238,7 +226,7 @@ def main(argv=None) -> dict:
     import jax
     import numpy as np
     from flax import traverse_util
-    from jaxlora import lora as lora_lib, lora_ga
+    from jaxlora import lora_ga
     from jaxlora.lora import LoraConfig, LoraGAConfig
 
     info = machine_info()

@@ -18,7 +18,6 @@ import pytest
 import torch
 import transformers
 
-import jaxlora
 from jaxlora import assets, data as data_lib, sharding, t5_glue, trainer
 from jaxlora.configfile import load_config
 from jaxlora.config import RunConfig

@@ -15,7 +15,6 @@ absolute positions (wpe) are 0..T-1 whatever the padding, as in HF when no posit
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
