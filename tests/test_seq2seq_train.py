@@ -167,6 +167,8 @@ def test_shipped_t5_config_trains_with_lora_ga(sst2_run):
     config, result = sst2_run
     assert config.lora.init_lora_weights == "lora_ga" and config.data.seq2seq is None  # resolved from the model
     losses = np.array(result.losses)
+    print(f"\n[t5 train] loss {losses[:3].mean():.3f} (first 3) -> {losses[-6:].mean():.3f} (last 6); held-out SST-2 "
+          f"loss {result.eval_loss:.3f}, accuracy {result.eval_accuracy:.4f}; {result.compiles} compilations")
     assert len(losses) == 24 and np.isfinite(losses).all()
     assert losses[-6:].mean() < 0.5 * losses[:3].mean(), losses  # the "plus"/"minus" rule is learnt
     assert 0.0 <= result.eval_accuracy <= 1.0 and np.isfinite(result.eval_loss)
@@ -193,6 +195,8 @@ def test_logged_accuracy_equals_single_device_scoring(sst2_run, tok):
     batches = [{k: v[i:i + 64] for k, v in enc.items()} for i in range(0, 872, 64)]
     ref = t5_glue.evaluate(model, params, batches, words, lora=trainable["lora"])
     assert step == 24
+    print(f"\n[t5 accuracy] logged (8 devices) {result.eval_accuracy:.4f} vs single-device t5_glue.evaluate "
+          f"{ref['accuracy']:.4f}")
     assert abs(ref["accuracy"] - result.eval_accuracy) < 0.5 / 872, (ref["accuracy"], result.eval_accuracy)
     # and evaluate_run (`jaxlora eval`) reproduces the in-training figures from the checkpoint
     again = trainer.evaluate_run(config)
