@@ -452,7 +452,10 @@ def lora_ga_init(model, lora_config, batches: Iterable[Mapping[str, Any]], *, pa
     batches = [dict(b) for _, b in zip(range(ga.num_batches), batches)]
     if not batches:
         raise LoraGAError("LoRA-GA: no estimation batches were given")
-    cache = _Cache(ga.cache_dir, model, lora_config, ga, batches) if ga.cache_dir else None
+    if len(batches) < ga.num_batches:
+        log.warning("LoRA-GA: %d estimation batches were given, fewer than num_batches=%d; estimating the gradient "
+                    "on those %d", len(batches), ga.num_batches, len(batches))
+    cache = _Cache(ga.cache_dir, model, lora_config, ga, batches, params) if ga.cache_dir else None
     if cache is not None and (lora := cache.load_init(targets, lora_config.lora_dropout)) is not None:
         log.info("LoRA-GA: init loaded from cache %s", cache.folder)
         lora = _place(model, targets, lora, lora_config.lora_dropout)
@@ -499,13 +502,26 @@ def _progress(items, desc: str, enabled: bool):
     return tqdm(items, desc=desc, unit="batch", leave=False)
 
 
+def weights_fingerprint(params) -> list:
+    """Three moments of every weight (sum, sum of squares, sum weighted by the position along the last axis), to 6
+    significant digits: a changed checkpoint under the same path changes the cache key, while the reduction order of
+    another mesh does not. One jitted pass over the weights, read where they lie."""
+    def moments(x):
+        x = x.astype(jnp.float32)
+        ramp = jax.lax.broadcasted_iota(jnp.float32, x.shape, x.ndim - 1) / max(x.shape[-1], 1) if x.ndim else 1.0
+        return jnp.stack([jnp.sum(x), jnp.sum(x * x), jnp.sum(x * ramp)])
+    flat = traverse_util.flatten_dict(params)
+    values = jax.device_get(jax.jit(lambda f: {"/".join(k): moments(v) for k, v in f.items()})(flat))
+    return [(name, [f"{float(m):.6e}" for m in values[name]]) for name in sorted(values)]
+
+
 class _Cache:
     """Estimated statistics and the resulting init, keyed by everything they depend on."""
 
-    def __init__(self, folder, model, lora_config, ga, batches):
+    def __init__(self, folder, model, lora_config, ga, batches, params):
         h = hashlib.sha256()
-        h.update(json.dumps([str(model.source), repr(model.config), repr(lora_config), repr(ga)],
-                            default=str).encode())
+        h.update(json.dumps([str(model.source), repr(model.config), repr(lora_config), repr(ga),
+                             weights_fingerprint(params)], default=str).encode())
         for b in batches:
             for k in ("input_ids", "attention_mask", "labels"):
                 h.update(np.ascontiguousarray(b[k]).tobytes())

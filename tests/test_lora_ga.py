@@ -841,6 +841,22 @@ def test_cache(monkeypatch, tmp_path, model64, batches, grads64):
     other[1] = dict(other[1], labels=np.where(np.arange(SEQ) < 6, -100, other[1]["labels"]))
     with pytest.raises(Estimated):  # other batches (a different prompt mask): miss
         _init(model64, cfg, other)
+    # other weights under the same model path (a re-saved checkpoint): miss
+    def with_up_proj(f):
+        flat = traverse_util.flatten_dict(model64.params)
+        key = ("model", "layers", "mlp", "up_proj", "kernel")
+        return traverse_util.unflatten_dict({**flat, key: f(flat[key])})
+    with pytest.raises(Estimated):
+        _init(model64, cfg, batches, params=with_up_proj(lambda k: k * 1.001))
+    same = lora_ga.weights_fingerprint(model64.params)
+    assert lora_ga.weights_fingerprint(with_up_proj(lambda k: k + 0.0)) == same
+    assert lora_ga.weights_fingerprint(with_up_proj(lambda k: k[..., ::-1])) != same  # same values, other places
+
+
+def test_fewer_batches_than_configured_warns(model64, batches, caplog):
+    with caplog.at_level("WARNING", logger="jaxlora.lora_ga"):
+        _init(model64, _cfg(GRID, num_batches=5), batches)
+    assert f"{len(batches)} estimation batches were given, fewer than num_batches=5" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------- 8. bad input
