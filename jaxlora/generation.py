@@ -12,6 +12,10 @@ P + max_new_tokens slots per row:
 
 Sampling follows transformers' order: temperature, then top-k, then top-p (nucleus); temperature 0 is greedy.
 The sampling parameters are traced values, so changing them does not recompile.
+
+An encoder-decoder (T5) decodes without a cache: every step reruns the encoder and the decoder over a fixed
+(B, max_new_tokens + 1) buffer of decoder inputs (causal, so the unfilled slots do not matter) and reads the logits of
+step i. That is quadratic in the output length: meant for short targets such as GLUE label words.
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ def sample_logits(logits_BxV, key, temperature, top_k, top_p) -> jax.Array:
 def _decode(model, params, lora, ids_BxP, mask_BxP, rng, temperature, top_k, top_p, eos_E, pad_id, *,
             max_new_tokens: int):
     """(B, max_new_tokens) new tokens, pad_id after a row's EOS."""
+    if model.is_encoder_decoder:
+        return _decode_seq2seq(model, params, lora, ids_BxP, mask_BxP, rng, temperature, top_k, top_p, eos_E, pad_id,
+                               max_new_tokens=max_new_tokens)
     b, p = ids_BxP.shape
     cache, axes = model.init_cache(b, p + max_new_tokens)
     cache = jax.lax.with_sharding_constraint(cache, jax.tree.map(
@@ -87,6 +94,32 @@ def _decode(model, params, lora, ids_BxP, mask_BxP, rng, temperature, top_k, top
     out_BxN = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
     state = (jnp.int32(0), logits_BxPxV[:, -1], cache, jnp.zeros((b,), bool), out_BxN, cache_mask_BxS, rng)
     return jax.lax.while_loop(cond, body, state)[4]
+
+
+def _decode_seq2seq(model, params, lora, ids_BxP, mask_BxP, rng, temperature, top_k, top_p, eos_E, pad_id, *,
+                    max_new_tokens: int):
+    """`_decode` for an encoder-decoder: decoder inputs [start, t0, t1, ...] in a fixed buffer, no cache."""
+    b = ids_BxP.shape[0]
+    start = model.config.decoder_start_token_id
+    dec_BxL = jnp.full((b, max_new_tokens + 1), pad_id, jnp.int32).at[:, 0].set(start)
+
+    def cond(state):
+        i, _, done_B, *_ = state
+        return (i < max_new_tokens) & ~jnp.all(done_B)
+
+    def body(state):
+        i, dec_BxL, done_B, out_BxN, rng = state
+        rng, key = jax.random.split(rng)
+        logits_BxLxV = model.apply(params, ids_BxP, mask_BxP, lora, decoder_input_ids_BxL=dec_BxL)
+        logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxLxV, i, axis=1, keepdims=False)
+        tok_B = jnp.where(done_B, pad_id, sample_logits(logits_BxV, key, temperature, top_k, top_p))
+        out_BxN = jax.lax.dynamic_update_slice(out_BxN, tok_B[:, None], (0, i))
+        dec_BxL = jax.lax.dynamic_update_slice(dec_BxL, tok_B[:, None], (0, i + 1))
+        done_B = done_B | jnp.any(tok_B[:, None] == eos_E[None, :], axis=1)
+        return i + 1, dec_BxL, done_B, out_BxN, rng
+
+    out_BxN = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+    return jax.lax.while_loop(cond, body, (jnp.int32(0), dec_BxL, jnp.zeros((b,), bool), out_BxN, rng))[3]
 
 
 def _decode_fn(model):

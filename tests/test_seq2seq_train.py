@@ -212,3 +212,20 @@ def test_layout_contradicting_the_model(tmp_path, t5_dir, tmp_path_factory):
     with pytest.raises(trainer.TrainingError, match=r"label_words .* needs an encoder-decoder"):
         trainer.train(_run_config(tmp_path, t5_dir, f"model.path={llama}", "lora.init_lora_weights=true",
                                   "lora.target_modules=[q_proj]"))
+
+
+def test_generate_cli_with_the_trained_adapter(sst2_run, t5_dir, capsys):
+    """`jaxlora generate` on the T5 folder with the run's exported PEFT adapter (LoRA-GA: relative to the original
+    weights) answers the training rule's label words for unseen sentences of the training pattern, as a batch."""
+    from jaxlora import cli
+    _, result = sst2_run
+    prompts = {"sst2 sentence: nine plus four is the answer": "plus",
+               "sst2 sentence: seven minus eight is the answer": "minus"}
+    argv = ["generate", "--model", str(t5_dir), "--adapter", str(result.adapter_dir), "--max-new-tokens", "4"]
+    for p in prompts:
+        argv += ["--prompt", p]
+    assert cli.main(argv) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines() if line.startswith("{")]
+    got = {r["prompt"]: r["completion"].replace(" ", "") for r in lines}
+    print(f"\n[t5 generate] {got}")
+    assert got == prompts
