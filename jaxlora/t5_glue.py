@@ -99,9 +99,11 @@ def evaluate(model, params, batches, label_ids: Sequence[Sequence[int]], lora=No
 
     Returns {"probs": (N, C), "predictions": (N,), "accuracy": float}.
     """
+    scores = jax.jit(lambda p, ids, mask, lo: class_log_scores(model, p, ids, mask, label_ids, lo))  # per shape
     probs, gold = [], []
     for batch in batches:
-        probs.append(class_probs(model, params, batch["input_ids"], batch["attention_mask"], label_ids, lora))
+        log_scores = scores(params, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]), lora)
+        probs.append(np.asarray(jax.nn.softmax(log_scores, axis=-1)))
         gold.append(np.asarray(batch["class"]))
     probs_NxC, gold_N = np.concatenate(probs), np.concatenate(gold)
     if gold_N.min() < 0 or gold_N.max() >= probs_NxC.shape[1]:
