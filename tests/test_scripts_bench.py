@@ -59,11 +59,16 @@ def test_convergence_quick(tmp_path):
         for k in ("final_train", "final_eval", "accuracy"):
             assert _finite(s[k]), (m, k)
         assert s["train_smoothed_min"][-1] <= s["final_train"] <= s["train_smoothed_max"][-1]
-    # LoRA reaches its own final (smoothed, seed-mean) loss by its last step at the latest
+    # LoRA reaches its own final (smoothed, seed-mean) loss by its last step at the latest: speed-up 1 against itself
     assert res["summary"]["lora"]["steps_to_lora_final"] is not None
+    assert res["summary"]["lora"]["speedup_vs_lora"] == 1.0
     assert _finite(res["base"]["eval_loss"])
     text = md.read_text()
     assert "| method |" in text and "| LoRA-GA |" in text and "| full fine-tuning |" in text and "load average" in text
+    # --render redraws the same table and a plot from the JSON alone
+    _run(["scripts/convergence.py", "--render", str(js), "--out-dir", str(tmp_path / "again")])
+    assert (tmp_path / "again" / "convergence.md").read_text() == text
+    assert (tmp_path / "again" / "convergence.png").stat().st_size > 1000
 
 
 def test_answer_number():
