@@ -9,6 +9,7 @@ mesh with LoRA-GA, the loss falls, the held-out accuracy it logs equals an indep
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -135,6 +136,19 @@ def test_label_outside_the_words_names_file_line_and_field(tmp_path, tok):
     with pytest.raises(DataError, match=r"bad.jsonl:3: field 'label' is -1, not a class id in \[0, 2\) "
                                         r"\(label_words: minus, plus\)"):
         data_lib.load_tokenized(_seq2seq_cfg(path=str(path)), tok)
+
+
+def test_eval_split_of_a_dataset_dict(tmp_path, tok):
+    """data.eval_split picks the held-out split of the same DatasetDict folder (or hub dataset) as data.path."""
+    import datasets
+    folder = tmp_path / "sst2_like"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(sentiment_records(8, seed=1)),
+                          "validation": datasets.Dataset.from_list(sentiment_records(3, seed=2))}).save_to_disk(folder)
+    cfg = _seq2seq_cfg(path=str(folder), split="train", eval_path=str(folder), eval_split="validation")
+    assert len(data_lib.load_tokenized(cfg, tok, "train")) == 8
+    assert len(data_lib.load_tokenized(cfg, tok, "eval")) == 3
+    with pytest.raises(DataError, match="no split 'test'"):
+        data_lib.load_tokenized(dataclasses.replace(cfg, eval_split="test"), tok, "eval")
 
 
 def test_classes_of_labels_rejects_unknown_targets():
