@@ -10,3 +10,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_parity(request):
+    """After a module that fills a module-level `PARITY_ERRORS` {name: max-abs error}, prints them (pytest -s)."""
+    yield
+    errors = getattr(request.module, "PARITY_ERRORS", None)
+    if errors:
+        width = max(len(k) for k in errors)
+        print("\nmax-abs error vs transformers / PEFT (float32):")
+        for key, err in sorted(errors.items()):
+            print(f"  {key:{width}s} {err:.3e}")

@@ -75,15 +75,6 @@ def ours(model, ids, mask, lora=None, token_types=None, params=None):
     return np.asarray(logits), np.asarray(hidden)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def report_parity():
-    yield
-    if PARITY_ERRORS:
-        print("\nmax-abs error vs transformers / PEFT (float32):")
-        for key, err in sorted(PARITY_ERRORS.items()):
-            print(f"  {key:44s} {err:.3e}")
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     hf = randomize(transformers.BertForSequenceClassification(hf_config()))

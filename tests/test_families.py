@@ -93,15 +93,6 @@ def make_batch(padding: str = "right", seed: int = 0):
     return ids, mask
 
 
-@pytest.fixture(scope="module", autouse=True)
-def report_parity():
-    yield
-    if PARITY_ERRORS:
-        print("\nmax-abs logits error vs transformers / PEFT (float32):")
-        for key, err in sorted(PARITY_ERRORS.items()):
-            print(f"  {key:52s} {err:.3e}")
-
-
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def variant(request, tmp_path_factory):
     name = request.param

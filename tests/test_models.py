@@ -90,15 +90,6 @@ def make_batch(seed: int = 0, left: bool = False):
     return ids, mask
 
 
-@pytest.fixture(scope="module", autouse=True)
-def report_parity():
-    yield
-    if PARITY_ERRORS:
-        print("\nmax-abs logits error vs transformers (float32):")
-        for key, err in sorted(PARITY_ERRORS.items()):
-            print(f"  {key:28s} {err:.3e}")
-
-
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def variant(request, tmp_path_factory):
     name = request.param

@@ -89,15 +89,6 @@ def ours(model, ids, mask, labels, lora=None, params=None):
     return np.asarray(f(model.params if params is None else params, jnp.asarray(ids), jnp.asarray(mask), dec, lora))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def report_parity():
-    yield
-    if PARITY_ERRORS:
-        print("\nmax-abs error vs transformers / PEFT (float32):")
-        for key, err in sorted(PARITY_ERRORS.items()):
-            print(f"  {key:44s} {err:.3e}")
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     cache = {}
