@@ -506,21 +506,19 @@ class TokenizedData:
     @property
     def lengths(self) -> np.ndarray:
         """Sequence length of every example (int32), cached on first use."""
-        cached = self.__dict__.get("_lengths")
-        if cached is None:
-            cached = np.asarray(self.dataset.with_format("numpy")["length"], dtype=np.int32)
-            object.__setattr__(self, "_lengths", cached)
-        return cached
+        return self._int_column("length")
 
     @property
     def label_lengths(self) -> np.ndarray:
         """Decoder-target length of every example (seq2seq; == lengths otherwise), cached on first use."""
-        if not self.seq2seq:
-            return self.lengths
-        cached = self.__dict__.get("_label_lengths")
+        return self._int_column("label_length" if self.seq2seq else "length")
+
+    def _int_column(self, name: str) -> np.ndarray:
+        """A per-example int column as an int32 array, read once."""
+        cached = self.__dict__.get("_" + name)
         if cached is None:
-            cached = np.asarray(self.dataset.with_format("numpy")["label_length"], dtype=np.int32)
-            object.__setattr__(self, "_label_lengths", cached)
+            cached = np.asarray(self.dataset.with_format("numpy")[name], dtype=np.int32)
+            object.__setattr__(self, "_" + name, cached)
         return cached
 
     def rows(self, indices: Sequence[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -782,8 +780,9 @@ class BatchLoader:
             raise DataError(
                 f"{data.source or 'data'}: a sequence of length {longest} exceeds the largest bucket {buckets[-1]}"
             )
-        if self.label_bucket_lengths and int(data.label_lengths.max()) > self.label_bucket_lengths[-1]:
-            raise DataError(f"{data.source or 'data'}: a target of length {int(data.label_lengths.max())} exceeds "
+        longest_target = int(data.label_lengths.max())
+        if self.label_bucket_lengths and longest_target > self.label_bucket_lengths[-1]:
+            raise DataError(f"{data.source or 'data'}: a target of length {longest_target} exceeds "
                             f"the largest target bucket {self.label_bucket_lengths[-1]}")
         self.shuffle = shuffle
         self._perm_epoch: int | None = None

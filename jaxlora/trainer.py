@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jaxlora import checkpoint as ckpt_lib
 from jaxlora import data as data_lib
 from jaxlora import lora as lora_lib
-from jaxlora import optim, sharding, step as step_lib
+from jaxlora import optim, sharding, step as step_lib, t5_glue
 from jaxlora.config import RunConfig
 from jaxlora.metrics import MetricsLogger, measure_peak_flops, train_flops_per_token
 from jaxlora.model import Model, from_pretrained
@@ -128,10 +128,14 @@ def build_trainable(model: Model, config: RunConfig, rng, *, template_only: bool
     return {"lora": lora, "full": full}, targets, params
 
 
+def eval_steps(loader, max_batches: int | None) -> int:
+    """Held-out batches one evaluation reads: all of them, or at most `max_batches` (train.eval_batches)."""
+    return loader.steps_per_epoch if max_batches is None else min(max_batches, loader.steps_per_epoch)
+
+
 def evaluate(eval_fn, params, trainable, loader, mesh, max_batches: int | None) -> float:
-    n = loader.steps_per_epoch if max_batches is None else min(max_batches, loader.steps_per_epoch)
     total, count = 0.0, 0.0
-    for i in range(n):
+    for i in range(eval_steps(loader, max_batches)):
         s, c = eval_fn(params, trainable, step_lib.place_batch(loader.batch(i), mesh))
         total, count = total + float(s), count + float(c)
     return total / max(count, 1.0)
@@ -142,7 +146,6 @@ class Evaluator:
     decoder finds most probable (`jaxlora.t5_glue`: every class scored, normalized over the classes)."""
 
     def __init__(self, model: Model, config: RunConfig, tokenizer, eval_data, trainable_shardings=None):
-        from jaxlora import t5_glue
         self.mesh, self.max_batches = model.mesh, config.train.eval_batches
         self.loader = make_loader(config, eval_data, tokenizer, config.train.micro_batch_size)
         jit = ((lambda f: step_lib.jit_eval_step(f, model.param_shardings, trainable_shardings, model.mesh))
@@ -152,13 +155,10 @@ class Evaluator:
         self.accuracy_fn = jit(t5_glue.make_accuracy_step(model, self.label_ids)) if self.label_ids else None
 
     def __call__(self, params, trainable) -> dict:
-        from jaxlora import t5_glue
         out = {"eval_loss": evaluate(self.loss_fn, params, trainable, self.loader, self.mesh, self.max_batches)}
         if self.accuracy_fn is not None:
-            n = self.loader.steps_per_epoch if self.max_batches is None else min(self.max_batches,
-                                                                                  self.loader.steps_per_epoch)
             correct = total = 0.0
-            for i in range(n):
+            for i in range(eval_steps(self.loader, self.max_batches)):
                 host = self.loader.batch(i)
                 batch = {"input_ids": host["input_ids"], "attention_mask": host["attention_mask"],
                          "class": t5_glue.classes_of_labels(host["labels"], self.label_ids)}
@@ -345,11 +345,8 @@ def evaluate_run(config: RunConfig, step: int | None = None, base_only: bool = F
         params = trained_base(model.params, trainable)
     evaluator = Evaluator(model, config, tokenizer, eval_data)
     metrics = evaluator(params, trainable)
-    n = evaluator.loader.steps_per_epoch
-    if config.train.eval_batches is not None:
-        n = min(n, config.train.eval_batches)
     return {"step": step, **metrics, "eval_perplexity": math.exp(min(metrics["eval_loss"], 50.0)),
-            "examples": n * config.train.micro_batch_size}
+            "examples": eval_steps(evaluator.loader, config.train.eval_batches) * config.train.micro_batch_size}
 
 
 def export_merged(config: RunConfig, out_dir: str | Path, step: int | None = None, overwrite: bool = False) -> Path:
