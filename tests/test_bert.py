@@ -21,6 +21,7 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 import jaxlora
+from tiny import peft_with_random_factors
 from jaxlora import lora as lora_lib, optim, sharding, step as step_lib
 from jaxlora.lora import LoraConfig, LoraGAConfig, lora_items, module_names
 from jaxlora.models import bert
@@ -210,13 +211,7 @@ def test_lora_matches_peft(tiny):
     random factors give the same logits and LoRA gradients, with padding."""
     hf, _, model = tiny
     targets = ["query", "key", "value", "dense"]
-    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(
-        task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)).eval()
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for key, p in pm.named_parameters():
-            if "lora_" in key:
-                p.normal_(0.0, 0.2)
+    pm = peft_with_random_factors(hf, task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=targets)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets)
     modules = dict(pm.base_model.model.named_modules())
     shardings = model.lora_shardings(model.lora_targets(cfg), cfg)

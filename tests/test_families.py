@@ -18,6 +18,7 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 import jaxlora
+from tiny import peft_with_random_factors
 from jaxlora import sharding
 from jaxlora.lora import LoraConfig, linear_modules, lora_items, module_names
 from jaxlora.models import bloom
@@ -192,15 +193,8 @@ def test_old_gpt2_attention_buffers_are_ignored(tmp_path):
 
 def peft_model(hf, fam: str, r: int = 4, alpha: float = 8.0, seed: int = 1):
     """PEFT LoRA on the fused attention kernel, both factors random (a real, non-zero adapter)."""
-    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=[PEFT_TARGET[fam]], init_lora_weights=False,
-                             fan_in_fan_out=fam == "gpt2")  # GPT-2's Conv1D stores (in, out)
-    model = peft.get_peft_model(copy.deepcopy(hf), config).eval()
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if "lora_" in key:
-                p.normal_(0.0, 0.2)
-    return model
+    return peft_with_random_factors(hf, seed, r=r, lora_alpha=alpha, target_modules=[PEFT_TARGET[fam]],
+                                    fan_in_fan_out=fam == "gpt2")  # GPT-2's Conv1D stores (in, out)
 
 
 def lora_tree(model, lora_config: LoraConfig, factors) -> dict:

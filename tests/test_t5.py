@@ -21,6 +21,7 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 import jaxlora
+from tiny import peft_with_random_factors
 from jaxlora import sharding, t5_glue
 from jaxlora.lora import LoraConfig, LoraGAConfig, lora_items, module_names
 from jaxlora.models import t5
@@ -194,13 +195,7 @@ def test_unsupported_t5_variants_are_named():
 
 
 def _peft_lora(hf, model, targets):
-    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)).eval()
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for key, p in pm.named_parameters():
-            if "lora_" in key:
-                p.normal_(0.0, 0.2)
+    pm = peft_with_random_factors(hf, r=4, lora_alpha=8, target_modules=targets)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets)
     modules = dict(pm.base_model.model.named_modules())
     flat, n_layers = {}, model.config.num_hidden_layers

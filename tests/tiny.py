@@ -64,3 +64,19 @@ def tiny_model_dir(path: Path, arch: str = "llama", seed: int = 0, **overrides) 
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return Path(path)
+
+
+def peft_with_random_factors(hf, seed: int = 1, **lora_kwargs):
+    """PEFT LoRA (peft.LoraConfig(**lora_kwargs)) over a copy of `hf`, both factors redrawn N(0, 0.2) after seeding
+    torch with `seed`: a real, non-zero adapter to compare against; in eval mode."""
+    import copy
+
+    import peft
+    import torch
+    model = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(init_lora_weights=False, **lora_kwargs)).eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "lora_" in key:
+                p.normal_(0.0, 0.2)
+    return model
