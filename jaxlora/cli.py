@@ -1,4 +1,4 @@
-"""The `jaxlora` command line. Thin: parsing here, the work in `jaxlora.trainer`, `peft_format`, `generation`.
+"""The `jaxlora` command line. Thin: parsing here, the work in `jaxlora.training.trainer`, `peft_format`, `generation`.
 
     jaxlora train  --config configs/smollm2_135m_cpu.yaml [--set optim.learning_rate=1e-4 ...]
     jaxlora eval   --config configs/smollm2_135m_cpu.yaml [--step N | --base]
@@ -64,20 +64,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train_lib():
     """The training-loop module, imported lazily so `jaxlora --help` stays fast."""
-    return importlib.import_module("jaxlora.trainer")
+    return importlib.import_module("jaxlora.training.trainer")
 
 
 def _load_adapter(model, adapter_dir):
     """(lora, lora_config, params with the adapter's modules_to_save swapped in)."""
     from jaxlora import lora as lora_lib
-    from jaxlora.peft_format import import_peft
+    from jaxlora.io.peft import import_peft
     lora, cfg, full = import_peft(model, adapter_dir, modules_to_save=True)
     return lora, cfg, lora_lib.overlay(model.params, full)
 
 
 def _import_peft(args) -> None:
-    from jaxlora.model import from_pretrained
-    from jaxlora.peft_format import describe, import_peft
+    from jaxlora.models.model import from_pretrained
+    from jaxlora.io.peft import describe, import_peft
     model = from_pretrained(args.model)
     lora, cfg, full = import_peft(model, args.adapter, modules_to_save=True)
     print(json.dumps(describe(model, lora, cfg, full), indent=2))
@@ -85,7 +85,7 @@ def _import_peft(args) -> None:
 
 def _generate(args) -> None:
     from jaxlora.generation import generate
-    from jaxlora.model import from_pretrained
+    from jaxlora.models.model import from_pretrained
     model = from_pretrained(args.model, args.dtype)
     lora, params = None, model.params
     if args.adapter:
@@ -100,7 +100,7 @@ def _generate(args) -> None:
 def export_peft_run(config, out_dir, step=None, overwrite: bool = False):
     """A run's checkpoint as a PEFT adapter folder for the original base model."""
     from jaxlora import sharding
-    from jaxlora.peft_format import export_peft
+    from jaxlora.io.peft import export_peft
     train_lib = _train_lib()
     model = train_lib.load_model(config, sharding.make_mesh(config.mesh))
     trainable, _ = train_lib.restore_trainable(config, model, step)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxlora.data import DataConfig
+from jaxlora.training.data import DataConfig
 from jaxlora.lora import LoraConfig
-from jaxlora.optim import OptimConfig
+from jaxlora.training.optim import OptimConfig
 from jaxlora.sharding import MeshConfig
 from jaxlora.models.llama import REMAT_POLICIES
 
@@ -71,5 +71,5 @@ class RunConfig:
 
 
 def load_run_config(path: str | None, overrides=()) -> RunConfig:
-    from jaxlora.configfile import load_config
+    from jaxlora.io.configfile import load_config
     return load_config(RunConfig, path, overrides)

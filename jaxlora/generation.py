@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora import hf_checkpoint, sharding
+from jaxlora import sharding
+from jaxlora.io import hf_checkpoint
 
 MIN_BUCKET = 16
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its jitted decode function

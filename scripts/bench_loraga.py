@@ -9,13 +9,13 @@ into an .npz: the first batches x batch-size gsm_symbolic training examples, pro
 masked, padded to --seq) and the same loss (mean next-token cross entropy over labelled tokens, per batch, averaged
 over batches):
 
-  jaxlora-exact / -randomized / -streaming   `jaxlora.lora_ga.lora_ga_init` with that svd_method (library defaults
+  jaxlora-exact / -randomized / -streaming   `jaxlora.lora.ga.lora_ga_init` with that svd_method (library defaults
                                               otherwise); estimation and factorization times are the ones it logs
                                               (streaming does everything in its sketch passes: factorization 0)
   peft                                        transformers float32 model; `peft.tuners.lora.loraga.preprocess_loraga`
                                               (train_step = forward + backward over the same batches) then
                                               `get_peft_model` (torch.svd_lowrank q=4r, niter=4 per layer)
-  lora-step-r / lora-step-q                   jaxlora LoRA training steps (`jaxlora.step`, AdamW) at rank r and at the
+  lora-step-r / lora-step-q                   jaxlora LoRA training steps (`jaxlora.training.step`, AdamW) at rank r and at the
                                               streaming sketch rank q = 2r + oversampling (library default 4r), over
                                               the same batches (step 1 compiles; the time shown is per later step)
 
@@ -76,7 +76,7 @@ def worker_prepare(args) -> dict:
         source = "tiny random Llama (2 layers, hidden 64), random tokens"
     else:
         from transformers import AutoTokenizer
-        model_path = args.model or str(__import__("jaxlora.assets", fromlist=["x"]).smollm2_path())
+        model_path = args.model or str(__import__("assets", fromlist=["x"]).smollm2_path())
         tok = AutoTokenizer.from_pretrained(model_path)
         batches = sub.gsm_batches(tok, args.batches, args.batch_size, args.seq, args.data, fixed_length=True)
         source = f"gsm_symbolic train, first {args.batches * args.batch_size} examples, padded to {args.seq}"
@@ -86,7 +86,7 @@ def worker_prepare(args) -> dict:
     np.savez(out / "batches.npz", **arrays)
     labelled = int(sum((b["labels"][:, 1:] != -100).sum() for b in batches))
     from jaxlora.lora import LoraGAConfig
-    from jaxlora.lora_ga import sketch_rank
+    from jaxlora.lora.ga import sketch_rank
     ga = LoraGAConfig(svd_method="streaming")  # the library's streaming defaults at rank r
     return {"model_path": model_path, "data": source, "labelled_tokens": labelled,
             "q": sketch_rank(ga, args.r, 10**9, 10**9), "power": ga.power_iters()}
@@ -96,7 +96,7 @@ def worker_jaxlora(args, method: str) -> dict:
     import logging
     import jax
     import jaxlora
-    from jaxlora import lora_ga
+    from jaxlora.lora import ga as lora_ga
     from jaxlora.lora import LoraConfig, LoraGAConfig
 
     meter = PeakMeter()
@@ -114,7 +114,7 @@ def worker_jaxlora(args, method: str) -> dict:
             if record.getMessage().startswith("LoRA-GA (") and isinstance(record.args, tuple):
                 logged["estimation_s"], logged["factorization_s"] = float(record.args[1]), float(record.args[2])
 
-    logger = logging.getLogger("jaxlora.lora_ga")
+    logger = logging.getLogger("jaxlora.lora.ga")
     logger.setLevel(logging.INFO)
     logger.addHandler(Grab())
     t0 = time.perf_counter()
@@ -157,7 +157,9 @@ def worker_peft(args) -> dict:
 def worker_lora_step(args, rank: int) -> dict:
     import jax
     import jaxlora
-    from jaxlora import lora as lora_lib, optim, step as step_lib
+    from jaxlora import lora as lora_lib
+    from jaxlora.training import optim
+    from jaxlora.training import step as step_lib
     from jaxlora.lora import LoraConfig
 
     meter = PeakMeter()

@@ -8,13 +8,13 @@
         intermediate_size=256 num_attention_heads=4 num_key_value_heads=2 --seq 64 --batch 2   # the 1B path on CPU
 
 What is compared (one run, both frameworks, each in its own long-lived subprocess so its memory is its own):
-  jaxlora  `jaxlora.step`'s jitted train step (the trainer's: donated state, AdamW via `jaxlora.optim`, global-norm
-           clipping 1.0, constant learning rate), LoRA from `jaxlora.trainer.build_trainable`, compiled once.
+  jaxlora  `jaxlora.training.step`'s jitted train step (the trainer's: donated state, AdamW via `jaxlora.training.optim`, global-norm
+           clipping 1.0, constant learning rate), LoRA from `jaxlora.training.trainer.build_trainable`, compiled once.
   PEFT     transformers AutoModelForCausalLM + `peft.get_peft_model`, torch.optim.AdamW over the LoRA parameters
            (weight decay 0, as jaxlora's default), clip_grad_norm_(1.0); `torch.set_num_threads(all cores)`.
 Both: LoRA r=8, alpha 16, dropout 0 on q/k/v/o/gate/up/down (PEFT's all-linear), float32 (or --dtype), no
 rematerialization; loss = mean next-token cross entropy over labelled tokens (HF's causal-LM loss, jaxlora's
-`token_loss_sums`). Data: gsm_symbolic training records tokenized once by `jaxlora.data` (prompt "Question: {input}
+`token_loss_sums`). Data: gsm_symbolic training records tokenized once by `jaxlora.training.data` (prompt "Question: {input}
 \\nAnswer: " masked, EOS appended, truncated), every batch padded to --seq; both see batch i at step i, so their
 first losses must agree (B = 0 at init: both are the base model's loss on the same tokens), except with --model
 llama1b, whose random weights each framework draws itself.
@@ -22,7 +22,7 @@ llama1b, whose random weights each framework draws itself.
 Protocol: each worker loads, builds and runs --warmup steps (jaxlora compiles there); then the driver alternates timed
 blocks of --steps / --blocks steps, ABBA order (jaxlora, PEFT, PEFT, jaxlora, ...), while the other worker sleeps on
 its stdin. tokens/s = batch x seq (padded: both compute every position) / step time, median over blocks; the non-pad
-rate is reported too. MFU = tokens/s x `jaxlora.metrics.train_flops_per_token` / the measured matmul peak (CPU:
+rate is reported too. MFU = tokens/s x `jaxlora.training.metrics.train_flops_per_token` / the measured matmul peak (CPU:
 `measure_peak_flops`, float32 2048^3, measured in the jaxlora worker between blocks, so under the same load).
 Memory (CPU): RSS of each worker; "peak" = ru_maxrss (loading, compilation and training), "steady" = VmHWM reset
 after warm-up (the timed steps only), "loaded" = RSS after the model and batches are in. GPU: device memory
@@ -87,7 +87,8 @@ def prepare(args, workdir: pathlib.Path) -> dict:
         model_path, source = str(workdir / "model"), "random tokens (first quarter masked, random right padding)"
     else:
         from transformers import AutoTokenizer
-        from jaxlora import assets, data as data_lib
+        import assets
+        from jaxlora.training import data as data_lib
         model_path = args.model if args.model not in ("smollm2", "llama1b") else (
             str(assets.smollm2_path()) if args.model == "smollm2" else None)
         tok = AutoTokenizer.from_pretrained(model_path or str(assets.smollm2_path()))
@@ -102,7 +103,7 @@ def prepare(args, workdir: pathlib.Path) -> dict:
         loader = data_lib.BatchLoader(data, args.batch, (args.seq,), pad, shuffle=False)
         batches = [loader.batch(i) for i in range(n)]
         source = (f"{pathlib.Path(path).name}: the first {n * args.batch} examples with a labelled token within "
-                  f"{args.seq} (wrapping), tokenized by jaxlora.data, padded to {args.seq}")
+                  f"{args.seq} (wrapping), tokenized by jaxlora.training.data, padded to {args.seq}")
     arrays = {f"{k}_{i}": v for i, b in enumerate(batches) for k, v in b.items()}
     np.savez(workdir / "batches.npz", num_batches=np.array(len(batches)), **arrays)
     real = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
@@ -142,12 +143,14 @@ class JaxWorker:
 
     def __init__(self, args):
         import jax
-        from jaxlora import optim, sharding, step as step_lib
+        from jaxlora import sharding
+        from jaxlora.training import optim
+        from jaxlora.training import step as step_lib
         from jaxlora.config import RunConfig
         from jaxlora.lora import LoraConfig
-        from jaxlora.metrics import train_flops_per_token
-        from jaxlora.model import Model, from_pretrained
-        from jaxlora.trainer import build_trainable
+        from jaxlora.training.metrics import train_flops_per_token
+        from jaxlora.models.model import Model, from_pretrained
+        from jaxlora.training.trainer import build_trainable
 
         self.jax = jax
         mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
@@ -182,7 +185,7 @@ class JaxWorker:
         return [float(x) for x in metrics]
 
     def peak_flops(self, dtype: str) -> float:
-        from jaxlora.metrics import measure_peak_flops
+        from jaxlora.training.metrics import measure_peak_flops
         if self.jax.default_backend() == "cpu":
             return measure_peak_flops()
         # a 2048^2 float32 matmul is too small for an accelerator: measure in the compute dtype at 8192^2

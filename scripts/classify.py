@@ -10,7 +10,7 @@ Protocol: the same train examples in the same order, the same r and targets for 
   * lora_ga:  LoRA-GA (jaxlora.lora_ga_init: exact SVD of the gradient estimated through the classifier loss on the
               first --ga-batches training batches, ArB2r, stable scale) on the same targets.
 AdamW with --lr for the LoRA factors and --head-lr for the head, warmup 5% then cosine to 0, clipping 1.0. Held-out
-accuracy on --n-test headlines disjoint from the --n-train training headlines (jaxlora.assets.prepare_sarcasm_data).
+accuracy on --n-test headlines disjoint from the --n-train training headlines (assets.prepare_sarcasm_data).
 Writes --out-dir/classify.json (settings, per-method accuracy, loss curve, wall times) and classify.md (the table).
 """
 
@@ -66,7 +66,7 @@ def load_model(args):
     """(model, tokenizer): all-MiniLM-L6-v2 with a fresh 2-class head, or (--quick) a tiny random BERT."""
     import transformers
     import jaxlora
-    from jaxlora import assets
+    import assets
     folder = assets.minilm_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     if args.quick:
@@ -78,7 +78,8 @@ def load_model(args):
 
 
 def load_data(args, model, tokenizer) -> dict:
-    from jaxlora import assets, classify
+    import assets
+    from jaxlora.tasks import classify
     paths = assets.prepare_sarcasm_data(n_train=max(args.n_train, 4000), n_test=max(args.n_test, 1000))
     out = {}
     for split, n in (("train", args.n_train), ("test", args.n_test)):
@@ -102,7 +103,11 @@ def run(args, method: str, model, data) -> dict:
     import jax
     import jax.numpy as jnp
     from tqdm import tqdm
-    from jaxlora import classify, lora as lora_lib, lora_ga, optim, step as step_lib
+    from jaxlora import lora as lora_lib
+    from jaxlora.tasks import classify
+    from jaxlora.lora import ga as lora_ga
+    from jaxlora.training import optim
+    from jaxlora.training import step as step_lib
     t0 = time.perf_counter()
     cfg = lora_config(args, method)
     params, t_init = model.params, 0.0

@@ -10,7 +10,7 @@ Protocol (LoRA-GA paper, arXiv 2407.05000, scaled down):
   * LoRA and LoRA-GA: r=8, alpha 16, rsLoRA (scale alpha/sqrt(r)), q/k/v/o/gate/up/down, dropout 0.05; LoRA-GA with
     the stable scale (gamma 16), ArB2r, randomized SVD, gradients estimated on the first 2 x 16 training examples (the
     init is cached and reused across learning rates and seeds: it does not depend on either).
-  * Full fine-tuning (the upper reference) trains every base parameter: `jaxlora.step`'s trainable tree
+  * Full fine-tuning (the upper reference) trains every base parameter: `jaxlora.training.step`'s trainable tree
     {"lora": {}, "full": all params}, the same step and optimizer.
   * Every run: AdamW (weight decay 0), warmup then cosine decay over --steps, global-norm clipping 1.0, batch --batch,
     examples of at most --max-length tokens (longer training problems are left out rather than cut before their
@@ -92,7 +92,7 @@ def read_jsonl(path) -> list[dict]:
 
 def filtered_train_file(src, dst: pathlib.Path, tokenizer, cfg, limit: int | None) -> int:
     """Writes the training records whose prompt + solution + EOS fit cfg.max_length; returns how many."""
-    from jaxlora.data import tokenize_example
+    from jaxlora.training.data import tokenize_example
     keep = []
     for rec in read_jsonl(src):
         if not tokenize_example(rec, cfg, tokenizer)["truncated"]:
@@ -127,14 +127,15 @@ class Run:
 class Study:
     def __init__(self, args):
         import jax
-        from jaxlora import data as data_lib, sharding
-        from jaxlora.model import Model, from_pretrained
-        from jaxlora import step as step_lib
+        from jaxlora import sharding
+        from jaxlora.training import data as data_lib
+        from jaxlora.models.model import Model, from_pretrained
+        from jaxlora.training import step as step_lib
 
         self.args, self.jax = args, jax
         self.mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
         from transformers import AutoTokenizer
-        from jaxlora import assets
+        import assets
         model_path = args.model or str(assets.smollm2_path(prepare=True))
         paths = assets.gsm_data_paths() if (args.train_data and args.test_data) else assets.prepare_gsm_data()
         self.train_path, self.test_path = args.train_data or paths["train"], args.test_data or paths["test"]
@@ -180,9 +181,11 @@ class Study:
 
     def new_run(self, method: str, lr: float, seed: int) -> Run:
         import jax
-        from jaxlora import data as data_lib, optim, step as step_lib
+        from jaxlora.training import data as data_lib
+        from jaxlora.training import optim
+        from jaxlora.training import step as step_lib
         from jaxlora.config import RunConfig, TrainConfig
-        from jaxlora.trainer import build_trainable, lora_ga_batches
+        from jaxlora.training.trainer import build_trainable, lora_ga_batches
         a = self.args
         config = RunConfig(lora=self.lora_config(method), data=self.data_cfg,
                            train=TrainConfig(seed=seed, micro_batch_size=a.batch, progress_bar=False))
@@ -214,11 +217,11 @@ class Study:
     # -------------------------------------------------------------------------------------- running
 
     def held_out(self, params, trainable) -> float:
-        from jaxlora.trainer import evaluate
+        from jaxlora.training.trainer import evaluate
         return evaluate(self.eval_fn, params, trainable, self.eval_loader, self.mesh, None)
 
     def advance(self, run: Run, to_step: int, label: str) -> Run:
-        from jaxlora import step as step_lib
+        from jaxlora.training import step as step_lib
         a = self.args
         t0 = time.perf_counter()
         while run.done < to_step:

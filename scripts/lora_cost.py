@@ -1,9 +1,9 @@
 """LoRA vs full fine-tuning cost of one train step: compiled FLOPs (XLA cost analysis) and optimizer-state bytes.
 
     python scripts/lora_cost.py                                   # tiny random Llama (2 layers, hidden 64)
-    python scripts/lora_cost.py --model "$(python -c 'import jaxlora.assets as a; print(a.smollm2_path())')" --seq 512
+    python scripts/lora_cost.py --model "$(python -c 'import assets as a; print(a.smollm2_path())')" --seq 512
 
-Both steps are the library's own (`jaxlora.step`): LoRA trains {"lora": adapters, "full": {}}, full fine-tuning
+Both steps are the library's own (`jaxlora.training.step`): LoRA trains {"lora": adapters, "full": {}}, full fine-tuning
 trains {"lora": {}, "full": every base parameter}. Nothing is run or even allocated beyond the (random or loaded)
 base: each step is lowered from shape structs on a 1-device mesh and compiled, so the FLOPs are the whole step's.
 Expect LoRA at about 2/3 of full fine-tuning (the frozen kernels skip their weight-gradient matmuls) plus the
@@ -39,7 +39,9 @@ def step_cost(model, trainable, targets, lora_config, batch: int, seq: int) -> d
     """FLOPs and optimizer-state bytes of one compiled train step that trains `trainable` (shape structs)."""
     import jax
     import jax.numpy as jnp
-    from jaxlora import optim, sharding, step as step_lib
+    from jaxlora import sharding
+    from jaxlora.training import optim
+    from jaxlora.training import step as step_lib
 
     tx, schedule = optim.make_optimizer(optim.OptimConfig(), 1000)
     trainable_sh = step_lib.trainable_shardings_for(model, targets, lora_config, trainable["full"])
@@ -83,8 +85,8 @@ def main(argv=None) -> None:
     from jaxlora import sharding
     from jaxlora.config import RunConfig
     from jaxlora.lora import LoraConfig
-    from jaxlora.model import Model, from_pretrained
-    from jaxlora.trainer import build_trainable
+    from jaxlora.models.model import Model, from_pretrained
+    from jaxlora.training.trainer import build_trainable
 
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
     if args.model:

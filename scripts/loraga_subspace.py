@@ -5,7 +5,7 @@
     python scripts/loraga_subspace.py --quick              # tiny random Llama, random tokens (seconds; for tests)
 
 On real gradients (the mean over the estimation batches of dL/dK for every all-linear target, as
-`jaxlora.lora_ga.estimate_gradients` computes them for LoRA-GA) it takes the exact SVD of every layer's gradient and
+`jaxlora.lora.ga.estimate_gradients` computes them for LoRA-GA) it takes the exact SVD of every layer's gradient and
 compares, for each oversampling (q = 2r + oversampling sketch columns) and number of power iterations (passes over the
 batches = 2 + 2 * power), the top singular subspaces the approximate methods find with the exact ones:
 
@@ -57,8 +57,9 @@ def gsm_batches(tokenizer, num_batches: int, batch_size: int, max_length: int, d
                 fixed_length: bool = False) -> list[dict]:
     """The first num_batches * batch_size gsm_symbolic training examples, in order, tokenized as training does
     (prompt "Question: {input}\\nAnswer: " masked, response "{target}" + eos) and padded to the training buckets
-    (powers of two up to max_length; just max_length with fixed_length), as `jaxlora.trainer.lora_ga_batches`."""
-    from jaxlora import assets, data as data_lib
+    (powers of two up to max_length; just max_length with fixed_length), as `jaxlora.training.trainer.lora_ga_batches`."""
+    import assets
+    from jaxlora.training import data as data_lib
     path = data_path or str(assets.gsm_data_paths()["train"])
     cfg = data_lib.DataConfig(path=path, prompt_template=PROMPT_TEMPLATE, response_template="{target}",
                               max_length=max_length, bucket_lengths=(max_length,) if fixed_length else (),
@@ -95,7 +96,7 @@ def load_model_and_batches(args):
         return model, batches, "tiny random Llama (2 layers, hidden 64, intermediate 96), random tokens"
     path = args.model
     if path is None:
-        from jaxlora import assets
+        import assets
         path = str(assets.smollm2_path())
     model = jaxlora.from_pretrained(path, "float32")
     batches = gsm_batches(model.tokenizer(), args.batches, args.batch_size, args.max_length, args.data)
@@ -171,7 +172,7 @@ def simulated_streaming(grads: dict, targets, ga, r_of, shapes) -> dict:
     """`lora_ga.streaming_factorize`'s algorithm, with its Omegas, applied to the exact accumulated gradients."""
     import jax
     import jax.numpy as jnp
-    from jaxlora import lora_ga
+    from jaxlora.lora import ga as lora_ga
 
     run = _simulated_run(ga.power_iters())
     key = jax.random.key(ga.seed)
@@ -189,7 +190,7 @@ def simulated_streaming(grads: dict, targets, ga, r_of, shapes) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="HF folder (default: SmolLM2-135M-Instruct from jaxlora.assets)")
+    p.add_argument("--model", default=None, help="HF folder (default: SmolLM2-135M-Instruct from assets)")
     p.add_argument("--data", default=None, help="JSONL with input/target (default: gsm_symbolic train)")
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=2)
@@ -226,7 +227,7 @@ def main(argv=None) -> dict:
     import jax
     import numpy as np
     from flax import traverse_util
-    from jaxlora import lora_ga
+    from jaxlora.lora import ga as lora_ga
     from jaxlora.lora import LoraConfig, LoraGAConfig
 
     info = machine_info()

@@ -11,7 +11,7 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
-from jaxlora import assets  # noqa: E402
+import assets  # noqa: E402
 
 
 def main(argv=None) -> None:

@@ -1,6 +1,11 @@
 """Every test sees 8 simulated CPU devices, so sharding is always exercised (set before jax is imported)."""
 
 import os
+import sys
+from pathlib import Path
+
+# The demo's asset builder (scripts/assets.py) lives outside the library; tests import it as `assets`.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

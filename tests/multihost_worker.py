@@ -3,7 +3,7 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/multihost_worker.py \
         --process-id 0 --num-processes 2 --coordinator localhost:PORT --model DIR --data FILE --out DIR [--set k=v ...]
 
-The run config's train.coordinator_address / num_processes / process_id make `jaxlora.trainer.train` call
+The run config's train.coordinator_address / num_processes / process_id make `jaxlora.training.trainer.train` call
 `jax.distributed.initialize`; CPU collectives across processes need gloo, chosen before that. The last stdout line
 is one JSON object: {"process_id", "process_count", "device_count", "local_device_count", "losses"}.
 """
@@ -34,7 +34,7 @@ def main() -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # before jax.distributed.initialize
 
     from jaxlora import config as config_lib
-    from jaxlora.trainer import train
+    from jaxlora.training.trainer import train
 
     cfg = config_lib.load_run_config(None, [
         f"model.path={args.model}", f"data.path={args.data}", f"train.output_dir={args.out}",

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from jaxlora import assets
+import assets
 
 ANSWER_LINE = re.compile(r"\n#### -?\d[\d,]*(\.\d+)?$")
 SENTENCE = (

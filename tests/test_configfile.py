@@ -5,7 +5,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from jaxlora.configfile import (ConfigError, apply_overrides, dump_config, from_dict, load_config,
+from jaxlora.io.configfile import (ConfigError, apply_overrides, dump_config, from_dict, load_config,
                                 parse_override, to_dict)
 
 

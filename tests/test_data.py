@@ -1,4 +1,4 @@
-"""Tests for jaxlora.data: loading, tokenizing/masking, caching, bucketed batching."""
+"""Tests for jaxlora.training.data: loading, tokenizing/masking, caching, bucketed batching."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from jaxlora import data as D
+from jaxlora.training import data as D
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -21,8 +21,8 @@ import tiny
 from jaxlora import cli, lora as L
 from jaxlora.generation import _decode_fn, generate_ids, sample_logits
 from jaxlora.lora import LoraConfig
-from jaxlora.lora_weights import LoraWeights
-from jaxlora.peft_format import export_peft
+from jaxlora.lora.weights import LoraWeights
+from jaxlora.io.peft import export_peft
 from jaxlora.sharding import MeshConfig, make_mesh
 
 NEW = 12

@@ -15,8 +15,8 @@ import torch
 import transformers
 
 import jaxlora
-from jaxlora import hf_checkpoint
-from jaxlora.hf_checkpoint import CheckpointError
+from jaxlora.io import hf_checkpoint
+from jaxlora.io.hf_checkpoint import CheckpointError
 from jaxlora.lora import LoraConfig, init_lora, merge
 
 ATOL = 1e-4  # float32, PyTorch vs XLA on CPU

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 import jaxlora
 from jaxlora import lora as L
 from jaxlora.lora import LoraConfig, LoraConfigError, init_lora, merge, unmerge
-from jaxlora.lora_weights import LoraWeights
+from jaxlora.lora.weights import LoraWeights
 from jaxlora.sharding import MeshConfig, make_mesh
 
 SEQ = 10
@@ -72,8 +72,13 @@ def targets(model, **cfg) -> dict[tuple[str, ...], L.Target]:
 
 def test_target_suffix_list(model):
     assert set(targets(model, target_modules=["q_proj", "v_proj"])) == {ATTN + ("q_proj",), ATTN + ("v_proj",)}
-    # a dotted suffix matches too, a partial word does not
-    assert set(targets(model, target_modules=["self_attn.o_proj", "proj"])) == {ATTN + ("o_proj",)}
+    # a dotted suffix matches too, a partial word does not: an entry of an explicit list that matches no module is
+    # an error naming it and the names that exist (it used to be dropped without a word)
+    assert set(targets(model, target_modules=["self_attn.o_proj"])) == {ATTN + ("o_proj",)}
+    with pytest.raises(LoraConfigError, match=r"entry 'proj' matches no module.*q_proj"):
+        targets(model, target_modules=["self_attn.o_proj", "proj"])
+    with pytest.raises(LoraConfigError, match=r"entry 'qkv_proj' matches no module"):
+        targets(model, target_modules=["q_proj", "qkv_proj"])  # a Llama has no fused qkv_proj
 
 
 def test_target_regex_is_a_full_match(model):

@@ -1,4 +1,4 @@
-"""LoRA-GA initialization (`jaxlora.lora_ga`) against independent references.
+"""LoRA-GA initialization (`jaxlora.lora.ga`) against independent references.
 
 1. A float64 numpy implementation of the OFFICIAL algorithm (../shared/docs/loraga.md sections 1-3, torch layout),
    fed with gradients computed by transformers' torch model in float64: same a0, b0 up to the sign of each singular
@@ -37,9 +37,10 @@ import transformers
 from flax import traverse_util
 
 import jaxlora
-from jaxlora import lora as L, lora_ga, sharding
+from jaxlora import lora as L, sharding
+from jaxlora.lora import ga as lora_ga
 from jaxlora.lora import LoraConfig, LoraGAConfig, LoraGAError
-from jaxlora.lora_weights import LoraWeights
+from jaxlora.lora.weights import LoraWeights
 from jaxlora.sharding import MeshConfig
 
 NUM_LAYERS = 2
@@ -205,7 +206,7 @@ def _hf_names(path) -> list[str]:
 
 
 def _torch_token_loss(logits, labels):
-    """Mean next-token cross entropy over labels != -100 (as jaxlora.step.token_loss_sums / count)."""
+    """Mean next-token cross entropy over labels != -100 (as jaxlora.training.step.token_loss_sums / count)."""
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                              labels[:, 1:].reshape(-1), ignore_index=-100, reduction="mean")
 
@@ -854,7 +855,7 @@ def test_cache(monkeypatch, tmp_path, model64, batches, grads64):
 
 
 def test_fewer_batches_than_configured_warns(model64, batches, caplog):
-    with caplog.at_level("WARNING", logger="jaxlora.lora_ga"):
+    with caplog.at_level("WARNING", logger="jaxlora.lora.ga"):
         _init(model64, _cfg(GRID, num_batches=5), batches)
     assert f"{len(batches)} estimation batches were given, fewer than num_batches=5" in caplog.text
 

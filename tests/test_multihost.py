@@ -21,7 +21,7 @@ import pytest
 
 import tiny
 from jaxlora import config as config_lib
-from jaxlora.trainer import train
+from jaxlora.training.trainer import train
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 TIMEOUT_S = 150  # a quiet 2-core machine needs ~15 s; leave room for a loaded one

@@ -21,10 +21,10 @@ from jax.sharding import PartitionSpec as P
 
 import jaxlora
 from jaxlora import cli, lora as L
-from jaxlora.hf_checkpoint import CheckpointError
+from jaxlora.io.hf_checkpoint import CheckpointError
 from jaxlora.lora import LoraConfig, merge, unmerge
-from jaxlora.lora_weights import LoraWeights
-from jaxlora.peft_format import PeftFormatError, export_peft, import_peft
+from jaxlora.lora.weights import LoraWeights
+from jaxlora.io.peft import PeftFormatError, export_peft, import_peft
 from jaxlora.sharding import MeshConfig, make_mesh
 
 ATOL = 1e-4  # float32, PyTorch vs XLA on CPU

@@ -11,7 +11,7 @@ import pytest
 from jaxlora import plan as plan_lib
 from jaxlora.cli import main
 from jaxlora.config import ModelConfig, RunConfig, TrainConfig
-from jaxlora.data import DataConfig
+from jaxlora.training.data import DataConfig
 from jaxlora.lora import LoraConfig
 from jaxlora.sharding import MeshConfig
 

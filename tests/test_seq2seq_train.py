@@ -19,10 +19,14 @@ import pytest
 import torch
 import transformers
 
-from jaxlora import assets, data as data_lib, sharding, t5_glue, trainer
-from jaxlora.configfile import load_config
+from jaxlora import sharding
+import assets
+from jaxlora.training import data as data_lib
+from jaxlora.tasks import t5_glue
+from jaxlora.training import trainer
+from jaxlora.io.configfile import load_config
 from jaxlora.config import RunConfig
-from jaxlora.data import DataConfig, DataError
+from jaxlora.training.data import DataConfig, DataError
 from tiny import WORDS, tiny_model_dir, tiny_tokenizer, write_jsonl
 
 CONFIG = "configs/t5_base_glue_sst2.yaml"

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 import jaxlora
-from jaxlora import assets
+import assets
 
 TEXTS = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
          "The capital of France is"]

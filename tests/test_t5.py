@@ -22,7 +22,8 @@ from jax.sharding import PartitionSpec as P
 
 import jaxlora
 from tiny import peft_with_random_factors
-from jaxlora import sharding, t5_glue
+from jaxlora import sharding
+from jaxlora.tasks import t5_glue
 from jaxlora.lora import LoraConfig, LoraGAConfig, lora_items, module_names
 from jaxlora.models import t5
 from jaxlora.sharding import MeshConfig
@@ -276,7 +277,8 @@ def test_lora_ga_keeps_step0_logits(tiny):
 
 def test_train_step_fits_a_batch(tiny):
     """jaxlora's train step (through `Model.loss_sums`: decoder inputs = labels shifted right) fits one batch."""
-    from jaxlora import optim, step as step_lib
+    from jaxlora.training import optim
+    from jaxlora.training import step as step_lib
     _, _, model = tiny("gated-gelu", False)
     ids, mask, labels = make_batch()
     cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v", "wo"])

@@ -1,11 +1,11 @@
 """The training step and loop: invariants, not just that they run.
 
-Step level (jaxlora.step, called directly): the frozen base stays bitwise equal while the adapters move; a B=0
+Step level (jaxlora.training.step, called directly): the frozen base stays bitwise equal while the adapters move; a B=0
 adapter's loss is the base model's; the loss is a hand-computed masked next-token cross entropy; gradient
 accumulation equals one big batch; sharded equals unsharded; LoRA costs fewer FLOPs and has adapter-sized optimizer
 state; LoRA+ and modules_to_save reach the right parameters with the right learning rates.
 
-Loop level (jaxlora.trainer.train on a tiny real HF model): one compilation per bucket length; resume is exact;
+Loop level (jaxlora.training.trainer.train on a tiny real HF model): one compilation per bucket length; resume is exact;
 checkpoints are adapter-sized and rotated; a NaN stops the run before it is checkpointed; resuming another LoRA
 shape or model is a clear ResumeError; over-long examples are truncated and counted.
 """
@@ -27,15 +27,16 @@ from safetensors.numpy import load_file
 from transformers import AutoTokenizer
 
 import tiny
-from jaxlora import checkpoint as ckpt_lib
-from jaxlora import data as data_lib
-from jaxlora import optim, sharding
-from jaxlora import step as step_lib
-from jaxlora import trainer as train_lib
+from jaxlora.io import checkpoint as ckpt_lib
+from jaxlora.training import data as data_lib
+from jaxlora import sharding
+from jaxlora.training import optim
+from jaxlora.training import step as step_lib
+from jaxlora.training import trainer as train_lib
 from jaxlora.config import RunConfig, load_run_config
 from jaxlora.lora import LoraConfig
-from jaxlora.model import from_pretrained
-from jaxlora.optim import OptimConfig
+from jaxlora.models.model import from_pretrained
+from jaxlora.training.optim import OptimConfig
 from jaxlora.sharding import MeshConfig
 
 # A vocabulary much larger than the tokenizer's (96) makes the base clearly bigger than any adapter, as in real

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora.hf_checkpoint import NameRule, NameTable
-from jaxlora.step import IGNORE_INDEX
+from jaxlora.io.hf_checkpoint import NameRule, NameTable
+from jaxlora.training.step import IGNORE_INDEX
 from jaxlora.models.bloom import hf_field, layer_norm, supported_architecture
 from jaxlora.models.gpt2 import ACTIVATIONS
 from jaxlora.models.llama import LayerPart, LayerStack, LoraDense, ModelRoot, scanned_layers

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import sharding
-from jaxlora.hf_checkpoint import NameRule, NameTable
+from jaxlora.io.hf_checkpoint import NameRule, NameTable
 from jaxlora.models.llama import LayerPart, LayerStack, LoraDense, ModelRoot, causal_padding_mask, scanned_layers
 
 SUPPORTED_ARCHITECTURES = ("BloomForCausalLM",)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora import sharding
-from jaxlora.hf_checkpoint import NameRule, NameTable
+from jaxlora.io.hf_checkpoint import NameRule, NameTable
 from jaxlora.models.bloom import BiasedMLP, hf_field, layer_norm, supported_architecture
 from jaxlora.models.llama import LayerPart, LayerStack, LoraDense, ModelRoot, causal_padding_mask, scanned_layers
 

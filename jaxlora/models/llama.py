@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import sharding
-from jaxlora.lora_weights import LoraWeights, low_rank_matmul
+from jaxlora.lora.weights import LoraWeights, low_rank_matmul
 
 REMAT_POLICIES = ("none", "full", "save_matmuls")
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")

@@ -33,11 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import sharding
-from jaxlora.hf_checkpoint import NameRule, NameTable
+from jaxlora.io.hf_checkpoint import NameRule, NameTable
 from jaxlora.models.bloom import hf_field, supported_architecture
 from jaxlora.models.gpt2 import ACTIVATIONS
 from jaxlora.models.llama import LayerPart, LoraDense, ModelRoot, RMSNorm, scanned_layers
-from jaxlora.step import IGNORE_INDEX
+from jaxlora.training.step import IGNORE_INDEX
 
 SUPPORTED_ARCHITECTURES = ("T5ForConditionalGeneration",)
 ENCODER_DECODER = True  # training data is seq2seq: prompt -> encoder input_ids, response -> decoder labels

@@ -32,11 +32,15 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from jaxlora import data as data_lib, lora as lora_lib, lora_ga, optim, sharding, step as step_lib
+from jaxlora import lora as lora_lib, sharding
+from jaxlora.training import data as data_lib
+from jaxlora.lora import ga as lora_ga
+from jaxlora.training import optim
+from jaxlora.training import step as step_lib
 from jaxlora.config import RunConfig
 from jaxlora.lora import LoraGAConfig
-from jaxlora.lora_weights import LoraWeights
-from jaxlora.metrics import train_flops_per_token
+from jaxlora.lora.weights import LoraWeights
+from jaxlora.training.metrics import train_flops_per_token
 
 log = logging.getLogger(__name__)
 GiB = 2 ** 30
@@ -215,7 +219,7 @@ def hf_config_of(path: str) -> dict:
 
 def build_model(config: RunConfig, mesh, remat: str | None = None, hf_config: dict | None = None):
     """The model `jaxlora train` would load, without its weights (abstract params and their shardings)."""
-    from jaxlora.model import Model
+    from jaxlora.models.model import Model
     m = config.model
     return Model._build(hf_config or hf_config_of(m.path), m.dtype, m.param_dtype, mesh, where=m.path,
                         remat=remat or m.remat, attention_impl=m.attention_impl)
@@ -646,7 +650,7 @@ def table_config(shape: str, num_slices: int = 1) -> RunConfig:
     FSDP over the chips of a slice and data parallelism across slices; LoRA-GA with its defaults (2 x 2048 batches,
     packed one row per chip; streaming sketch rank 6r = 96)."""
     from jaxlora.config import ModelConfig, TrainConfig
-    from jaxlora.data import DataConfig
+    from jaxlora.training.data import DataConfig
     return RunConfig(model=ModelConfig(path=shape, dtype="bfloat16", param_dtype="bfloat16", remat="save_matmuls"),
                      lora=lora_lib.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
                      data=DataConfig(max_length=2048, bucket_lengths=(2048,)),

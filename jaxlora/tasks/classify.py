@@ -1,5 +1,5 @@
 """Sequence classification data and evaluation for classifier models (BERT): texts + class ids -> padded batches of
-{"input_ids", "attention_mask", "labels" (B,)}, the batch format `Model.loss_sums`, `jaxlora.step` and
+{"input_ids", "attention_mask", "labels" (B,)}, the batch format `Model.loss_sums`, `jaxlora.training.step` and
 `jaxlora.lora_ga_init` take, and held-out accuracy.
 
     data = encode(tokenizer, texts, labels, max_length=32, num_labels=model.config.num_labels)

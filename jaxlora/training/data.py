@@ -104,7 +104,7 @@ class DataConfig:
     # seq2seq: padded target lengths; () = powers of two from 8 up to max_target_length.
     target_bucket_lengths: tuple[int, ...] = ()
     # Classification: the response is label_words[record[label_field]] (class id -> word, T5's GLUE casting); the
-    # trainer then also reports held-out accuracy by scoring every label word (jaxlora.t5_glue).
+    # trainer then also reports held-out accuracy by scoring every label word (jaxlora.tasks.t5_glue).
     label_words: tuple[str, ...] = ()
     label_field: str = "label"
 

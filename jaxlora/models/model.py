@@ -24,8 +24,9 @@ import jax.numpy as jnp
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 
-from jaxlora import hf_checkpoint, lora as lora_lib, sharding
-from jaxlora.hf_checkpoint import CheckpointError, NameRule, NameTable
+from jaxlora import lora as lora_lib, sharding
+from jaxlora.io import hf_checkpoint
+from jaxlora.io.hf_checkpoint import CheckpointError, NameRule, NameTable
 from jaxlora.models import bert, bloom, gpt2, llama, t5
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,10 @@ FAMILIES["T5ForConditionalGeneration"] = (t5.T5Config, t5.T5ForConditionalGenera
 _ARCH_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                        "bloom": "BloomForCausalLM", "gpt2": "GPT2LMHeadModel", "bert": "BertModel",
                        "t5": "T5ForConditionalGeneration"}
+# PEFT's per-architecture default when target_modules is None (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
+DEFAULT_TARGETS = {"llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
+                   "bloom": ("query_key_value",), "gpt2": ("c_attn",), "bert": ("query", "value"),
+                   "t5": ("q", "v")}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
 
@@ -123,12 +128,12 @@ class Model:
     def loss_sums(self, params, batch: dict, lora=None, *, per_row: bool = False, deterministic: bool = True,
                   dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """The training loss of one batch as (sum over labelled targets, their count), float32; per batch row with
-        `per_row`. Training (`jaxlora.step`) and LoRA-GA's gradient estimation both call this, so a model with another
+        `per_row`. Training (`jaxlora.training.step`) and LoRA-GA's gradient estimation both call this, so a model with another
         objective defines it once, as its family module's `loss_sums(logits, labels, per_row)`: a classifier (BERT)
         sums cross entropy over rows of (B,) class ids; the default is next-token cross entropy where labels are not
         -100. A family whose module takes more inputs than input_ids/attention_mask derives them from the batch with
         `model_inputs(batch, config)` (T5: decoder inputs = labels shifted right)."""
-        from jaxlora.step import token_loss_sums
+        from jaxlora.training.step import token_loss_sums
         family = self._family()
         objective = getattr(family, "loss_sums", token_loss_sums)
         inputs = family.model_inputs(batch, self.config) if hasattr(family, "model_inputs") else {}
@@ -165,7 +170,8 @@ class Model:
 
     def lora_targets(self, lora_config) -> list[lora_lib.Target]:
         return lora_lib.resolve_targets(self.abstract_params, lora_config, self.config.num_hidden_layers,
-                                        self.config.model_type, self.names.stack_name, self.names.output_module)
+                                        DEFAULT_TARGETS.get(self.config.model_type, ()), self.names.stack_name,
+                                        self.names.output_module)
 
     def lora_axes(self, targets):
         """Logical axes tree of the LoRA tree (a LoraWeights of axis tuples per target)."""

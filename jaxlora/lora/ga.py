@@ -39,9 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxlora import lora as lora_lib, sharding, step as step_lib
+from jaxlora import lora as lora_lib, sharding
+from jaxlora.training import step as step_lib
 from jaxlora.lora import LoraGAConfig, LoraGAError
-from jaxlora.lora_weights import LoraWeights
+from jaxlora.lora.weights import LoraWeights
 
 log = logging.getLogger(__name__)
 

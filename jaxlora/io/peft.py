@@ -33,10 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxlora import hf_checkpoint
-from jaxlora.hf_checkpoint import CheckpointError
-from jaxlora.lora import INIT_METHODS, LoraConfig, _matches, _pattern_value, linear_modules, lora_items, module_names
-from jaxlora.lora_weights import LoraWeights
+from jaxlora.io import hf_checkpoint
+from jaxlora.io.hf_checkpoint import CheckpointError
+from jaxlora.lora import INIT_METHODS, LoraConfig, matches, pattern_value, linear_modules, lora_items, module_names
+from jaxlora.lora.weights import LoraWeights
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +111,9 @@ def _rank_alpha(model, lora, cfg: LoraConfig) -> dict:
         rank = w.rank * (2 if w.modifies_base else 1)
         key = re.escape(_short_name(model, path))
         for name in _hf_module_names(model, path):
-            if _pattern_value(ranks, name, r) != rank:
+            if pattern_value(ranks, name, r) != rank:
                 pinned_r[key] = rank
-            got_alpha = _pattern_value(alphas, name, alpha)
+            got_alpha = pattern_value(alphas, name, alpha)
             if not math.isclose(cfg.scale(rank, got_alpha), w.scale, rel_tol=1e-9):
                 pinned_alpha[key] = w.scale * (math.sqrt(rank) if cfg.use_rslora else rank)
     # PEFT takes the first pattern that matches: pinned entries go first (and win over an equal user key)
@@ -214,7 +214,7 @@ def _check_target_names(model, cfg: LoraConfig, where: Path) -> None:
         return
     names = [n for p in linear_modules(model.abstract_params) for n in _hf_module_names(model, p)]
     for t in cfg.target_modules:
-        if not any(_matches([t], n) for n in names):
+        if not any(matches([t], n) for n in names):
             endings = sorted({n.split(".")[-1] for n in names})
             raise PeftFormatError(f"{where}: target_modules names {t!r}, which this {model.config.architecture} "
                                   f"model lacks (its linear modules end in: {', '.join(endings)})")

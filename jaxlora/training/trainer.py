@@ -1,7 +1,7 @@
 """The training loop: `jaxlora.train(config)` and `jaxlora train --config ...`.
 
 Loads the base model straight into its shardings, tokenizes the data (cached; seq2seq for an encoder-decoder),
-builds the LoRA tree and the optimizer, then runs the jitted step (`jaxlora.step`) with a progress bar, JSONL metrics
+builds the LoRA tree and the optimizer, then runs the jitted step (`jaxlora.training.step`) with a progress bar, JSONL metrics
 (optionally TensorBoard), periodic held-out evaluation (loss; accuracy too for data with `label_words`) and orbax
 checkpoints. Resuming from the latest checkpoint in output_dir is exact: the
 data order is a pure function of the step, and the RNG and optimizer state are restored.
@@ -24,13 +24,16 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxlora import checkpoint as ckpt_lib
-from jaxlora import data as data_lib
+from jaxlora.io import checkpoint as ckpt_lib
+from jaxlora.training import data as data_lib
 from jaxlora import lora as lora_lib
-from jaxlora import optim, sharding, step as step_lib, t5_glue
+from jaxlora import sharding
+from jaxlora.training import optim
+from jaxlora.training import step as step_lib
+from jaxlora.tasks import t5_glue
 from jaxlora.config import RunConfig
-from jaxlora.metrics import MetricsLogger, measure_peak_flops, train_flops_per_token
-from jaxlora.model import Model, from_pretrained
+from jaxlora.training.metrics import MetricsLogger, measure_peak_flops, train_flops_per_token
+from jaxlora.models.model import Model, from_pretrained
 
 log = logging.getLogger("jaxlora")
 
@@ -115,7 +118,7 @@ def build_trainable(model: Model, config: RunConfig, rng, *, template_only: bool
     targets = model.lora_targets(config.lora)
     params = model.params
     if config.lora.init_lora_weights == "lora_ga":
-        from jaxlora import lora_ga
+        from jaxlora.lora import ga as lora_ga
         if template_only:
             lora = lora_ga.lora_ga_template(model, config.lora)
         else:
@@ -143,7 +146,7 @@ def evaluate(eval_fn, params, trainable, loader, mesh, max_batches: int | None) 
 
 class Evaluator:
     """Held-out metrics of a run: the loss, and for data with `label_words` the accuracy of picking the label word the
-    decoder finds most probable (`jaxlora.t5_glue`: every class scored, normalized over the classes)."""
+    decoder finds most probable (`jaxlora.tasks.t5_glue`: every class scored, normalized over the classes)."""
 
     def __init__(self, model: Model, config: RunConfig, tokenizer, eval_data, trainable_shardings=None):
         self.mesh, self.max_batches = model.mesh, config.train.eval_batches
@@ -174,7 +177,7 @@ def train(config: RunConfig) -> TrainResult:
     maybe_initialize_distributed(tc)
     out = Path(tc.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from jaxlora.configfile import dump_config
+    from jaxlora.io.configfile import dump_config
     if jax.process_index() == 0:
         dump_config(config, out / "config.yaml")
 
@@ -286,7 +289,7 @@ def train(config: RunConfig) -> TrainResult:
         if pending is not None:
             finish(*pending)
 
-    from jaxlora.peft_format import export_peft
+    from jaxlora.io.peft import export_peft
     adapter_dir = export_peft(model, state.trainable["lora"], config.lora, out / "adapter",
                               modules_to_save=state.trainable["full"], overwrite=True)
     compiles = len(executables)
@@ -323,7 +326,7 @@ def restore_trainable(config: RunConfig, model: Model, step: int | None = None):
 
 def trained_base(params, trainable):
     """The frozen base a run trained against: W0, or W0 - s*a0@b0 for base-modifying (LoRA-GA) adapters."""
-    from jaxlora.lora_ga import residual_params
+    from jaxlora.lora.ga import residual_params
     return residual_params(params, trainable["lora"])
 
 

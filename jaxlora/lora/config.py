@@ -1,0 +1,93 @@
+"""LoRA's configuration: `LoraConfig` (PEFT's field names and meanings) and `LoraGAConfig` (LoRA-GA's options).
+
+Typed, frozen dataclasses validated in `__post_init__`; a run config's `lora:` section fills `LoraConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+INIT_METHODS = (True, False, "gaussian", "lora_ga")
+class LoraConfigError(ValueError):
+    pass
+
+
+class LoraGAError(ValueError):
+    pass
+
+
+DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
+SCALES = ("stable", "weight_svd", "gd_scale", "unit")
+METHODS = ("exact", "randomized", "streaming")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraGAConfig:
+    """LoRA-GA options (PEFT's LoraGAConfig names; defaults follow the official code)."""
+
+    batch_size: int = 2  # examples per estimation batch (official default 2)
+    num_batches: int = 64  # estimation batches (official default 64: 128 samples)
+    direction: str = "ArB2r"  # which singular vectors go to a and b: ArB2r, A2rBr, ArBr, random
+    scale: str = "stable"  # stable (c = out^0.25 / sqrt(gamma) on a and b), weight_svd, gd_scale, unit
+    stable_gamma: float = 16.0  # gamma of the stable scale
+    svd_method: str = "randomized"  # exact, randomized (like torch.svd_lowrank, as the official code), streaming
+    oversampling: int | None = None  # sketch columns beyond 2r; None: 2r for randomized (q = 4r, as
+    #                                  svd_lowrank(q=4r)), 4r for streaming (q = 6r; see power_iters)
+    power_iterations: int | None = None  # None: 4 for randomized (svd_lowrank niter=4), 1 for streaming
+    singular_values_in_b: bool = False  # PEFT 0.21's variant: b = diag(S) V^T, stable scale on b only, same
+    #                                     indices for "random", weight_svd = S_W[0]/S_B[0]; factors cast to the base
+    #                                     dtype before the offset. Off = the official code.
+    factors_dtype: str = "float32"  # dtype of a0/b0 and so of the trained adapters
+    seed: int = 0  # sketches and the "random" direction
+    cache_dir: str | None = None  # save the statistics and the init here; a second run with the same inputs reuses them
+
+    def __post_init__(self):
+        if self.direction not in DIRECTIONS:
+            raise LoraGAError(f"lora_ga_config.direction must be one of {DIRECTIONS}, got {self.direction!r}")
+        if self.scale not in SCALES:
+            raise LoraGAError(f"lora_ga_config.scale must be one of {SCALES}, got {self.scale!r}")
+        if self.svd_method not in METHODS:
+            raise LoraGAError(f"lora_ga_config.svd_method must be one of {METHODS}, got {self.svd_method!r}")
+        if self.batch_size <= 0 or self.num_batches <= 0:
+            raise LoraGAError("lora_ga_config.batch_size and num_batches must be positive")
+
+    def power_iters(self) -> int:
+        if self.power_iterations is not None:
+            return self.power_iterations
+        # streaming: passes over the data dominate its cost (2 + 2p). On SmolLM2's real gradients
+        # (docs/loraga_subspace.md) oversampling 4r with 1 power iteration (4 passes) matches the exact subspaces
+        # LoRA-GA uses as well as 2r with 2 iterations (6 passes): mean overlap 0.999.
+        return 1 if self.svd_method == "streaming" else 4
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA hyperparameters, with PEFT's field names and meanings."""
+
+    r: int = 8  # rank of the update
+    lora_alpha: float = 8.0  # scale numerator: s = alpha / r (alpha / sqrt(r) with use_rslora)
+    lora_dropout: float = 0.0  # dropout on the LoRA branch's input
+    target_modules: str | list[str] | None = None  # names matched as suffixes, a regex in full, or "all-linear"
+    exclude_modules: str | list[str] | None = None  # same matching; excluded even if targeted
+    use_rslora: bool = False  # rank-stabilized scale alpha / sqrt(r)
+    init_lora_weights: bool | str = True  # True: a kaiming-uniform, b zero (PEFT); "gaussian"; False: b random too
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)  # module regex -> rank
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)  # module regex -> alpha
+    modules_to_save: list[str] | None = None  # modules trained fully (e.g. lm_head, norms), matched as suffixes
+    lora_dtype: str = "float32"  # dtype of a and b (and so of their optimizer state)
+    lora_ga_config: LoraGAConfig | None = None  # LoRA-GA options when init_lora_weights == "lora_ga"
+
+    def __post_init__(self):
+        if self.r <= 0:
+            raise LoraConfigError(f"r must be positive, got {self.r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise LoraConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.init_lora_weights not in INIT_METHODS:
+            raise LoraConfigError(f"init_lora_weights must be one of {INIT_METHODS}, got {self.init_lora_weights!r}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise LoraConfigError("target_modules is an empty list")
+        if self.init_lora_weights == "lora_ga" and self.lora_ga_config is None:
+            object.__setattr__(self, "lora_ga_config", LoraGAConfig())
+
+    def scale(self, r: int, alpha: float) -> float:
+        return alpha / (r ** 0.5) if self.use_rslora else alpha / r

@@ -1,0 +1,1 @@
+"""Training: the run's data, optimizer, the one training build, the jitted step and the loop around it."""
