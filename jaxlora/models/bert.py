@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.io.hf_checkpoint import NameRule, NameTable
-from jaxlora.training.step import IGNORE_INDEX
+from jaxlora.losses import IGNORE_INDEX, masked_cross_entropy_sums
 from jaxlora.models.bloom import hf_field, layer_norm, supported_architecture
 from jaxlora.models.gpt2 import ACTIVATIONS
 from jaxlora.models.llama import LayerPart, LayerStack, LoraDense, ModelRoot, scanned_layers
@@ -275,12 +275,7 @@ def loss_sums(logits_BxC: jax.Array, labels_B: jax.Array, per_row: bool = False)
     num_labels = logits_BxC.shape[-1]
     if not isinstance(labels_B, jax.core.Tracer):  # concrete labels: checked here; traced ones by the data side
         check_labels(np.asarray(labels_B), num_labels)
-    logits = logits_BxC.astype(jnp.float32)
-    valid_B = labels_B != IGNORE_INDEX  # ignored rows (e.g. LoRA-GA's empty packing groups) count for nothing
-    picked = jnp.take_along_axis(logits, jnp.where(valid_B, labels_B, 0)[:, None].astype(jnp.int32), axis=-1)[:, 0]
-    loss_B = jnp.where(valid_B, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0)
-    count_B = valid_B.astype(jnp.float32)
-    return (loss_B, count_B) if per_row else (jnp.sum(loss_B), jnp.sum(count_B))
+    return masked_cross_entropy_sums(logits_BxC, labels_B, per_row)  # rows labelled -100 count for nothing
 
 
 def check_labels(labels, num_labels: int) -> None:

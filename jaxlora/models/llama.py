@@ -186,20 +186,20 @@ class LoraDense(nn.Module):
         return sharding.constrain(y, sharding.activation_axes(y.ndim, self.kernel_axes[1]))
 
     def _lora_branch(self, x, lora: LoraWeights):
-        """x @ a @ b with LoRA dropout on the input; for a base-modifying init, dropout acts on the update only.
+        """x @ a @ b with LoRA dropout on the input; for an init relative to the base (LoRA-GA), the update
+        x @ (a @ b - a0 @ b0), so the frozen kernel stays the loaded W0.
 
-        A LoRA-GA kernel holds W0 - s*a0@b0, and s*x@a@b starts equal to s*x@a0@b0 to cancel it. Dropping the input
-        of the whole branch would also perturb that cancelling part (training would not start at the base model).
-        Instead the adapter's update relative to the ORIGINAL base, s*(a@b - a0@b0), sees the dropped input and the
-        cancelling part the clean one:  x@a0@b0 + drop(x)@(a@b - a0@b0) = drop(x)@a@b + (x - drop(x))@a0@b0.
-        That is exactly how the exported adapter (a' = [a, a0], b' = [b, -b0] on W0) behaves under PEFT's dropout.
+        a0/b0 are frozen (no gradient, no optimizer state). At step 0 a = a0 and b = b0: both products are the same
+        computation on the same values, so the update is exactly zero and the model is exactly the base, in any
+        dtype. Dropout acts on the whole update, as PEFT's dropout does on the exported rank-2r adapter
+        (a' = [a, a0], b' = [b, -b0] on W0): no special case.
         """
         cast = lambda t: t.astype(self.dtype)
-        x_in = nn.Dropout(rate=lora.dropout)(x, deterministic=self.deterministic)
-        branch = low_rank_matmul(cast(x_in), cast(lora.a), cast(lora.b))
-        if lora.modifies_base and lora.dropout > 0 and not self.deterministic:
+        x_in = cast(nn.Dropout(rate=lora.dropout)(x, deterministic=self.deterministic))
+        branch = low_rank_matmul(x_in, cast(lora.a), cast(lora.b))
+        if lora.a0 is not None:
             a0, b0 = jax.lax.stop_gradient((lora.a0, lora.b0))
-            branch = branch + low_rank_matmul(cast(x - x_in), cast(a0), cast(b0))
+            branch = branch - low_rank_matmul(x_in, cast(a0), cast(b0))
         return branch
 
 

@@ -37,7 +37,7 @@ from jaxlora.io.hf_checkpoint import NameRule, NameTable
 from jaxlora.models.bloom import hf_field, supported_architecture
 from jaxlora.models.gpt2 import ACTIVATIONS
 from jaxlora.models.llama import LayerPart, LoraDense, ModelRoot, RMSNorm, scanned_layers
-from jaxlora.training.step import IGNORE_INDEX
+from jaxlora.losses import IGNORE_INDEX, masked_cross_entropy_sums
 
 SUPPORTED_ARCHITECTURES = ("T5ForConditionalGeneration",)
 ENCODER_DECODER = True  # training data is seq2seq: prompt -> encoder input_ids, response -> decoder labels
@@ -332,9 +332,4 @@ def model_inputs(batch: dict, cfg: T5Config) -> dict:
 def loss_sums(logits_BxLxV: jax.Array, labels_BxL: jax.Array, per_row: bool = False) -> tuple[jax.Array, jax.Array]:
     """Cross entropy of the decoder logits against labels at the same positions (no shift; -100 ignored): the sum and
     the count of labelled tokens (float32); with `per_row`, both per row (B,)."""
-    logits = logits_BxLxV.astype(jnp.float32)
-    valid = labels_BxL != IGNORE_INDEX
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, jnp.where(valid, labels_BxL, 0)[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    axis = 1 if per_row else None
-    return jnp.sum(jnp.where(valid, logz - picked, 0.0), axis=axis), jnp.sum(valid, axis=axis).astype(jnp.float32)
+    return masked_cross_entropy_sums(logits_BxLxV, labels_BxL, per_row)

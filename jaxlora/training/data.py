@@ -33,7 +33,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-IGNORE_INDEX = -100  # label value the loss ignores (matches PyTorch/HF convention)
+from jaxlora.losses import IGNORE_INDEX  # noqa: E402  (label value the loss ignores)
 
 _FORMATS = ("template", "chat")
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}

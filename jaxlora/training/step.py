@@ -19,8 +19,8 @@ import optax
 from flax import struct
 
 from jaxlora import lora as lora_lib, sharding
+from jaxlora.losses import IGNORE_INDEX, next_token_loss_sums as token_loss_sums  # noqa: F401
 
-IGNORE_INDEX = -100
 
 
 class TrainState(struct.PyTreeNode):
@@ -28,19 +28,6 @@ class TrainState(struct.PyTreeNode):
     trainable: Any  # {"lora": LoRA tree, "full": modules_to_save params}
     opt_state: Any
     rng: jax.Array
-
-
-def token_loss_sums(logits_BxTxV: jax.Array, labels_BxT: jax.Array,
-                    per_row: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Sum of next-token cross entropy over labelled tokens, and their count (float32); with `per_row`, both per
-    batch row (B,)."""
-    logits = logits_BxTxV.astype(jnp.float32)  # position t predicts label t+1; the last predicts nothing
-    targets = jnp.pad(labels_BxT[:, 1:], ((0, 0), (0, 1)), constant_values=IGNORE_INDEX)  # (no copy of the logits)
-    valid = targets != IGNORE_INDEX
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    axis = 1 if per_row else None
-    return jnp.sum(jnp.where(valid, logz - picked, 0.0), axis=axis), jnp.sum(valid, axis=axis).astype(jnp.float32)
 
 
 def make_loss_fn(model) -> Callable:
