@@ -18,6 +18,8 @@ import json
 import logging
 import sys
 
+from jaxlora.backends import skip_tpu_backend_without_tpu
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxlora", description="LoRA fine-tuning of Hugging Face LMs in JAX")
@@ -103,7 +105,7 @@ def export_peft_run(config, out_dir, step=None, overwrite: bool = False):
     from jaxlora.io.peft import export_peft
     train_lib = _train_lib()
     model = train_lib.load_model(config, sharding.make_mesh(config.mesh))
-    trainable, _ = train_lib.restore_trainable(config, model, step)
+    trainable, _ = train_lib.restore_adapters(config, model, step)
     return export_peft(model, trainable["lora"], config.lora, out_dir, modules_to_save=trainable["full"],
                        overwrite=overwrite)
 
@@ -115,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "plan":
             from jaxlora.plan import run_plan_command
-            return run_plan_command(args)
+            return run_plan_command(args)  # CPU by default (plan.targets._prepare_runtime): no TPU backend starts
+        skip_tpu_backend_without_tpu()
         if args.command in ("import-peft", "generate"):
             (_import_peft if args.command == "import-peft" else _generate)(args)
             return 0

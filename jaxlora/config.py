@@ -13,7 +13,7 @@ from jaxlora.training.data import DataConfig
 from jaxlora.lora import LoraConfig
 from jaxlora.training.optim import OptimConfig
 from jaxlora.sharding import MeshConfig
-from jaxlora.models.llama import REMAT_POLICIES
+from jaxlora.models.common import REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,7 +33,8 @@ from jaxlora import sharding
 from jaxlora.io import hf_checkpoint
 
 MIN_BUCKET = 16
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its jitted decode function
+DEFAULT_MAX_NEW_TOKENS = 64  # the API's and `jaxlora generate --max-new-tokens`' default
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its jitted decode (see _decode_fn)
 
 
 def _bucket(n: int) -> int:
@@ -124,10 +125,16 @@ def _decode_seq2seq(model, params, lora, ids_BxP, mask_BxP, rng, temperature, to
 
 
 def _decode_fn(model):
-    if model not in _COMPILED:
-        _COMPILED[model] = jax.jit(lambda *args, max_new_tokens: _decode(model, *args, max_new_tokens=max_new_tokens),
-                                   static_argnames=("max_new_tokens",))
-    return _COMPILED[model]
+    """The model's jitted `_decode` (one per live model, so repeated calls reuse its compilations). The function
+    reaches its model through a weak reference: a cached value that held the model itself would keep its key, and
+    with it the weights, alive in the WeakKeyDictionary for ever."""
+    fn = _COMPILED.get(model)
+    if fn is None:
+        model_ref = weakref.ref(model)
+        fn = _COMPILED[model] = jax.jit(
+            lambda *args, max_new_tokens: _decode(model_ref(), *args, max_new_tokens=max_new_tokens),
+            static_argnames=("max_new_tokens",))
+    return fn
 
 
 def pad_prompts(prompt_ids: Sequence[Sequence[int]], pad_id: int, rows_multiple: int = 1):
@@ -144,7 +151,8 @@ def pad_prompts(prompt_ids: Sequence[Sequence[int]], pad_id: int, rows_multiple:
     return ids, mask
 
 
-def generate_ids(model, params, prompt_ids: Sequence[Sequence[int]], *, lora=None, max_new_tokens: int = 32,
+def generate_ids(model, params, prompt_ids: Sequence[Sequence[int]], *, lora=None,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0) -> list[list[int]]:
     """Generates from token ids; returns each row's new tokens, up to and including its first EOS.
@@ -207,7 +215,8 @@ def encode_prompts(tokenizer, prompts: Sequence[str], chat: bool = False) -> lis
     return [tokenizer(p)["input_ids"] for p in prompts]
 
 
-def generate(model, params, tokenizer, prompts: str | Sequence[str], *, lora=None, max_new_tokens: int = 32,
+def generate(model, params, tokenizer, prompts: str | Sequence[str], *, lora=None,
+             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              chat: bool = False) -> list[str]:
     """Generates a completion for each prompt (batched); returns the new text of each, special tokens removed.

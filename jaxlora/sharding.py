@@ -10,7 +10,8 @@ axes ("data", "fsdp", "tensor"). `DEFAULT_RULES` is the single place that decide
     batch           ("batch", "seq")               ->  P(("data", "fsdp"), None)
 
 A dimension that a mesh axis does not divide is replicated instead (e.g. 3 KV heads on a tensor axis of 2), so any
-model runs on any mesh; the fallback is logged once per parameter.
+model runs on any mesh; for a parameter (`tree_shardings`) the fallback is a WARNING, once per distinct (logical
+axes, shape, mesh), as every device then holds that dimension whole.
 
 Activations follow the same table: inside `activation_sharding(mesh)` (which `Model.apply` enters while it is traced)
 `constrain(x, names)` pins a hidden state to its logical axes, e.g. ("batch", None, "heads"). Without these pins XLA is
@@ -65,7 +66,11 @@ class MeshConfig:
 
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all); -1 takes the remaining devices."""
-    devices = list(devices if devices is not None else jax.devices())
+    if devices is None:
+        from jaxlora.backends import skip_tpu_backend_without_tpu
+        skip_tpu_backend_without_tpu()  # the first backend may start here: no libtpu noise on CPU/GPU hosts
+        devices = jax.devices()
+    devices = list(devices)
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
@@ -78,20 +83,35 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | No
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
+_WARNED_REPLICATIONS: set[tuple] = set()  # (logical axes, shape, dim, mesh shape) already warned about
+
+
+def _replication_fallback(names, shape, mesh: Mesh, d: int, axes: tuple[str, ...], size: int, warn: bool) -> None:
+    what = (f"parameter with logical axes {tuple(names)} and shape {tuple(shape)} on mesh {dict(mesh.shape)}: "
+            f"dim {d} ({names[d]}, {shape[d]}) is not divisible by mesh axes {axes} (size {size}), so it is "
+            f"replicated")
+    key = (tuple(names), tuple(shape), d, tuple(mesh.shape.items()))
+    if warn and key not in _WARNED_REPLICATIONS:
+        _WARNED_REPLICATIONS.add(key)
+        log.warning("%s: every device holds it whole", what)
+    else:
+        log.debug("%s", what.removeprefix("parameter with "))
+
+
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules=DEFAULT_RULES) -> P:
-    """PartitionSpec for one array: each logical name mapped by `rules`, unless the mesh axis does not divide it."""
+                    rules=DEFAULT_RULES, *, warn: bool = False) -> P:
+    """PartitionSpec for one array: each logical name mapped by `rules`, unless the mesh axis does not divide it
+    (then replicated: a WARNING with warn=True, as for parameters, once per distinct case; else DEBUG)."""
     table = dict(rules)
     used: set[str] = set()
     spec = []
-    for name, dim in zip(names, shape):
+    for d, (name, dim) in enumerate(zip(names, shape)):
         target = table.get(name) if name is not None else None
         axes = (target,) if isinstance(target, str) else tuple(target or ())
         axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
         size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
         if axes and dim % size:
-            log.debug("replicating dim %d (%s) of shape %s: mesh axes %s of size %d do not divide it",
-                      dim, name, tuple(shape), axes, size)
+            _replication_fallback(names, shape, mesh, d, axes, size, warn)
             axes = ()
         used.update(axes)
         spec.append(axes[0] if len(axes) == 1 else (axes or None))
@@ -115,14 +135,15 @@ def with_unused_axis(spec: P, shape: Sequence[int], mesh: Mesh, axis: str = "fsd
     return P(*[e[0] if len(e) == 1 else (e or None) for e in entries])
 
 
-def named_sharding(names, shape, mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
+def named_sharding(names, shape, mesh: Mesh, rules=DEFAULT_RULES, *, warn: bool = False) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules, warn=warn))
 
 
 def tree_shardings(axes_tree, shape_tree, mesh: Mesh, rules=DEFAULT_RULES):
-    """Maps a tree of logical-name tuples and a matching tree of shapes (anything with .shape) to NamedShardings."""
-    return jax.tree.map(lambda names, x: named_sharding(names, x.shape, mesh, rules), axes_tree, shape_tree,
-                        is_leaf=lambda n: isinstance(n, tuple))
+    """Maps a tree of parameters' logical-name tuples and a matching tree of shapes (anything with .shape) to
+    NamedShardings; a dim left replicated because its mesh axes do not divide it is a WARNING (once per case)."""
+    return jax.tree.map(lambda names, x: named_sharding(names, x.shape, mesh, rules, warn=True), axes_tree,
+                        shape_tree, is_leaf=lambda n: isinstance(n, tuple))
 
 
 def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES, batch_size: int | None = None) -> NamedSharding:

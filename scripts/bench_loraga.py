@@ -118,8 +118,8 @@ def worker_jaxlora(args, method: str) -> dict:
     logger.setLevel(logging.INFO)
     logger.addHandler(Grab())
     t0 = time.perf_counter()
-    lora, residual = lora_ga.lora_ga_init(model, cfg, batches, progress=False)
-    jax.block_until_ready((lora, residual))
+    lora = lora_ga.lora_ga_init(model, cfg, batches, progress=False)
+    jax.block_until_ready(lora)
     total = time.perf_counter() - t0
     q = lora_ga.sketch_rank(ga, args.r, 10**9, 10**9)
     return {"total_s": total, "estimation_s": logged.get("estimation_s"),
@@ -157,10 +157,11 @@ def worker_peft(args) -> dict:
 def worker_lora_step(args, rank: int) -> dict:
     import jax
     import jaxlora
-    from jaxlora import lora as lora_lib
+    from jaxlora.config import RunConfig
+    from jaxlora.lora import LoraConfig
     from jaxlora.training import optim
     from jaxlora.training import step as step_lib
-    from jaxlora.lora import LoraConfig
+    from jaxlora.training.build import build_training
 
     meter = PeakMeter()
     model = jaxlora.from_pretrained(args.model_path, "float32")
@@ -168,14 +169,10 @@ def worker_lora_step(args, rank: int) -> dict:
     jax.block_until_ready(model.params)
     meter.mark()
     cfg = LoraConfig(r=rank, lora_alpha=args.alpha, target_modules=ALL_LINEAR)
-    targets = model.lora_targets(cfg)
-    lora = lora_lib.init_lora(model, cfg, jax.random.key(0))
-    tx, schedule = optim.make_optimizer(optim.OptimConfig(), 100)
-    trainable_sh = step_lib.trainable_shardings_for(model, targets, cfg, {})
-    state, state_sh = step_lib.init_state({"lora": lora, "full": {}}, tx, jax.random.key(1), trainable_sh,
-                                          model.mesh)
-    step = step_lib.jit_train_step(step_lib.make_train_step(model, tx, schedule, 1), model.param_shardings,
-                                   state_sh, model.mesh)
+    run = RunConfig(lora=cfg, optim=optim.OptimConfig())
+    training = build_training(model, run, total_steps=100, rngs=(jax.random.key(0), jax.random.key(1)),
+                              tx=optim.make_optimizer(run.optim, 100)[0])
+    state, step = training.state, training.train_step
     times = []
     for b in batches[: max(2, min(len(batches), args.steps))]:
         t0 = time.perf_counter()
@@ -301,8 +298,8 @@ def table(result: dict) -> str:
                   f"{s['peak_mb'] / step_q['peak_mb']:.2f}x (q), {s['peak_mb'] / step_r['peak_mb']:.2f}x (r)."]
     lines += ["", "Times include JIT compilation (jaxlora); PEFT's estimation is eager torch forward+backward and its "
               "factorization torch.svd_lowrank(q=4r, niter=4) per layer inside get_peft_model. jaxlora's estimation "
-              "and factorization are the times lora_ga_init logs; rest = total minus both (building a0/b0 and the "
-              "residual base, and for streaming the sketch passes still running when its timer stops: its log "
+              "and factorization are the times lora_ga_init logs; rest = total minus both (building and placing a0/b0, "
+              "and for streaming the sketch passes still running when its timer stops: its log "
               "stops the clock before blocking on the asynchronously dispatched passes). Delta = peak RSS after "
               "the model and batches were loaded minus the RSS at that point. Medians over rounds; under a "
               "loaded machine the min is the less disturbed figure."]

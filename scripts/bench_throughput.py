@@ -9,7 +9,7 @@
 
 What is compared (one run, both frameworks, each in its own long-lived subprocess so its memory is its own):
   jaxlora  `jaxlora.training.step`'s jitted train step (the trainer's: donated state, AdamW via `jaxlora.training.optim`, global-norm
-           clipping 1.0, constant learning rate), LoRA from `jaxlora.training.trainer.build_trainable`, compiled once.
+           clipping 1.0, constant learning rate), built by `jaxlora.training.build.build_training`, compiled once.
   PEFT     transformers AutoModelForCausalLM + `peft.get_peft_model`, torch.optim.AdamW over the LoRA parameters
            (weight decay 0, as jaxlora's default), clip_grad_norm_(1.0); `torch.set_num_threads(all cores)`.
 Both: LoRA r=8, alpha 16, dropout 0 on q/k/v/o/gate/up/down (PEFT's all-linear), float32 (or --dtype), no
@@ -144,13 +144,13 @@ class JaxWorker:
     def __init__(self, args):
         import jax
         from jaxlora import sharding
-        from jaxlora.training import optim
-        from jaxlora.training import step as step_lib
         from jaxlora.config import RunConfig
         from jaxlora.lora import LoraConfig
-        from jaxlora.training.metrics import train_flops_per_token
         from jaxlora.models.model import Model, from_pretrained
-        from jaxlora.training.trainer import build_trainable
+        from jaxlora.training import optim
+        from jaxlora.training import step as step_lib
+        from jaxlora.training.build import build_training
+        from jaxlora.training.metrics import train_flops_per_token
 
         self.jax = jax
         mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
@@ -164,17 +164,15 @@ class JaxWorker:
         jax.block_until_ready((self.model.params, self.batches))
         self.loaded_mb = (status_kb("VmRSS") or 0) / 1024
         cfg = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=ALL_LINEAR)
-        trainable, targets, self.params = build_trainable(self.model, RunConfig(lora=cfg), jax.random.key(args.seed))
-        tx, schedule = optim.make_optimizer(optim.OptimConfig(learning_rate=args.lr, schedule="constant"), 10**6)
-        trainable_sh = step_lib.trainable_shardings_for(self.model, targets, cfg, trainable["full"])
-        self.state, state_sh = step_lib.init_state(trainable, tx, jax.random.key(args.seed + 1), trainable_sh, mesh)
-        step = step_lib.jit_train_step(step_lib.make_train_step(self.model, tx, schedule, 1),
-                                       self.model.param_shardings, state_sh, mesh)
+        run = RunConfig(lora=cfg, optim=optim.OptimConfig(learning_rate=args.lr, schedule="constant"))
+        training = build_training(self.model, run, total_steps=10**6,
+                                  rngs=(jax.random.key(args.seed), jax.random.key(args.seed + 1)))
+        self.params, self.state, step = training.params, training.state, training.train_step
         t0 = time.perf_counter()
         self.step = step.lower(self.params, self.state, self.batches[0]).compile()
         self.compile_s = time.perf_counter() - t0
         self.flops_per_token = train_flops_per_token(self.model, args.seq)
-        self.lora_params = sum(int(x.size) for x in jax.tree.leaves(trainable["lora"]))
+        self.lora_params = sum(int(x.size) for x in jax.tree.leaves(self.state.trainable["lora"]))
 
     def run(self, start: int, n: int) -> list[float]:
         metrics = []

@@ -101,37 +101,30 @@ def lora_config(args, method: str):
 def run(args, method: str, model, data) -> dict:
     """Trains one method from the pretrained weights; returns its accuracy, losses and timings."""
     import jax
-    import jax.numpy as jnp
     from tqdm import tqdm
-    from jaxlora import lora as lora_lib
-    from jaxlora.tasks import classify
+    from jaxlora.config import RunConfig
     from jaxlora.lora import ga as lora_ga
+    from jaxlora.tasks import classify
     from jaxlora.training import optim
     from jaxlora.training import step as step_lib
+    from jaxlora.training.build import build_training
     t0 = time.perf_counter()
     cfg = lora_config(args, method)
-    params, t_init = model.params, 0.0
+    t_init = 0.0
     if method == "head":
-        lora, targets = {}, []
+        lora = {}
     elif method == "lora":
-        targets = model.lora_targets(cfg)
-        lora = lora_lib.init_lora(model, cfg, jax.random.key(args.seed))
+        lora = None  # build_training initializes it (PEFT's init) from cfg
     else:
-        targets = model.lora_targets(cfg)
         ga_batches = classify.batches(data["train"], args.batch, seed=args.seed + 1)
-        lora, params = lora_ga.lora_ga_init(model, cfg, ga_batches, progress=False)
+        lora = lora_ga.lora_ga_init(model, cfg, ga_batches, progress=False)
         t_init = time.perf_counter() - t0
-    full = jax.tree.map(lambda x: x.astype(jnp.float32), lora_lib.split_modules_to_save(model.params,
-                                                                                        cfg.modules_to_save))
-    trainable = {"lora": lora, "full": full}
     warmup = max(1, round(0.05 * args.steps))
-    tx, schedule = optim.make_optimizer(optim.OptimConfig(learning_rate=args.lr, modules_to_save_lr=args.head_lr,
-                                                          warmup_steps=warmup, max_grad_norm=1.0), args.steps,
-                                        trainable)
-    trainable_sh = step_lib.trainable_shardings_for(model, targets, cfg, full)
-    state, state_sh = step_lib.init_state(trainable, tx, jax.random.key(args.seed + 2), trainable_sh, model.mesh)
-    train_step = step_lib.jit_train_step(step_lib.make_train_step(model, tx, schedule, 1), model.param_shardings,
-                                         state_sh, model.mesh)
+    run = RunConfig(lora=cfg, optim=optim.OptimConfig(learning_rate=args.lr, modules_to_save_lr=args.head_lr,
+                                                      warmup_steps=warmup, max_grad_norm=1.0))
+    training = build_training(model, run, total_steps=args.steps, lora=lora,
+                              rngs=(jax.random.key(args.seed), jax.random.key(args.seed + 2)))
+    params, state, train_step = training.params, training.state, training.train_step
     losses, batches = [], classify.batches(data["train"], args.batch, seed=args.seed)
     bar = tqdm(range(args.steps), desc=LABELS[method], unit="step", dynamic_ncols=True, mininterval=1.0)
     for _ in bar:
@@ -139,9 +132,8 @@ def run(args, method: str, model, data) -> dict:
         losses.append(float(metrics["loss"]))
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", refresh=False)
     t_train = time.perf_counter() - t0 - t_init
-    acc = classify.accuracy(model, params, state.trainable, data["test"])
-    n_trainable = sum(int(x.size) for p, x in jax.tree_util.tree_leaves_with_path(state.trainable)
-                      if getattr(p[-1], "name", None) not in ("a0", "b0"))
+    acc = classify.accuracy(model, params, training.adapters(state), data["test"])
+    n_trainable = sum(int(x.size) for x in jax.tree.leaves(state.trainable))  # LoRA-GA's a0/b0 are in state.frozen
     return {"method": method, "accuracy": acc, "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
             "losses": losses, "trainable_params": n_trainable, "init_seconds": round(t_init, 1),
             "train_seconds": round(t_train, 1), "total_seconds": round(time.perf_counter() - t0, 1)}

@@ -112,7 +112,7 @@ class Run:
     method: str
     lr: float
     seed: int
-    params: object  # the frozen base it trains against (LoRA-GA: the residual W - s a0 b0)
+    params: object  # the frozen base it trains against (the loaded weights, for every method)
     state: object
     step_fn: object
     loader: object
@@ -181,36 +181,28 @@ class Study:
 
     def new_run(self, method: str, lr: float, seed: int) -> Run:
         import jax
+        from jaxlora.config import RunConfig, TrainConfig
         from jaxlora.training import data as data_lib
         from jaxlora.training import optim
-        from jaxlora.training import step as step_lib
-        from jaxlora.config import RunConfig, TrainConfig
-        from jaxlora.training.trainer import build_trainable, lora_ga_batches
+        from jaxlora.training.build import build_training
+        from jaxlora.training.trainer import lora_ga_batches
         a = self.args
+        warmup = max(1, round(0.05 * a.steps))
         config = RunConfig(lora=self.lora_config(method), data=self.data_cfg,
+                           optim=optim.OptimConfig(learning_rate=lr, schedule="cosine", warmup_steps=warmup,
+                                                   max_grad_norm=1.0),
                            train=TrainConfig(seed=seed, micro_batch_size=a.batch, progress_bar=False))
-        init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+        full = None
         if method == "full":
-            trainable = {"lora": {}, "full": jax.tree.map(lambda x: x.astype("float32"), self.base_params)}
-            trainable_sh = {"lora": {}, "full": self.model.param_shardings}
-            params = self.base_params
-        else:
-            ga = lora_ga_batches(config, self.train_data, self.tokenizer) if method == "lora_ga" else None
-            self.model.params = self.base_params
-            trainable, targets, params = build_trainable(self.model, config, init_rng, ga_batches=ga)
-            trainable_sh = step_lib.trainable_shardings_for(self.model, targets, config.lora, trainable["full"])
-        key = (method, lr)
-        if key not in self.steps_cache:  # one jitted step per (method, lr): the seeds reuse its compilation
-            warmup = max(1, round(0.05 * a.steps))
-            tx, schedule = optim.make_optimizer(optim.OptimConfig(learning_rate=lr, schedule="cosine",
-                                                                  warmup_steps=warmup, max_grad_norm=1.0), a.steps)
-            self.steps_cache[key] = tx, schedule, None
-        tx, schedule, step_fn = self.steps_cache[key]
-        state, state_sh = step_lib.init_state(trainable, tx, state_rng, trainable_sh, self.mesh)
-        if step_fn is None:
-            step_fn = step_lib.jit_train_step(step_lib.make_train_step(self.model, tx, schedule, 1),
-                                              self.model.param_shardings, state_sh, self.mesh)
-            self.steps_cache[key] = tx, schedule, step_fn
+            full = {"lora": {}, "full": jax.tree.map(lambda x: x.astype("float32"), self.base_params)}
+        ga = lora_ga_batches(config, self.train_data, self.tokenizer) if method == "lora_ga" else None
+        self.model.params = self.base_params
+        # tx built as before: all groups, so every (method, lr) state has the same layout across seeds
+        tx = optim.make_optimizer(config.optim, a.steps)[0]
+        training = build_training(self.model, config, total_steps=a.steps, trainable=full, lora_ga_batches=ga, tx=tx)
+        params, state = training.params, training.state
+        key = (method, lr)  # one jitted step per (method, lr): the seeds reuse its compilation (same shardings)
+        step_fn = self.steps_cache.setdefault(key, training.train_step)
         loader = data_lib.BatchLoader(self.train_data, a.batch, (a.max_length,), self.pad, seed=seed)
         return Run(method, lr, seed, params, state, step_fn, loader)
 
@@ -233,7 +225,8 @@ class Study:
             run.train_losses.append(loss)
             run.done += 1
             if run.done % a.eval_every == 0 or run.done == a.steps:
-                run.evals.append([run.done, self.held_out(run.params, run.state.trainable)])
+                run.evals.append([run.done, self.held_out(run.params, step_lib.adapters(run.state.trainable,
+                                                                                        run.state.frozen))])
                 print(f"  {label} step {run.done}: train {loss:.4f}, held-out {run.evals[-1][1]:.4f} "
                       f"({time.perf_counter() - t0:.0f}s)", flush=True)
         run.seconds += time.perf_counter() - t0
@@ -254,8 +247,9 @@ class Study:
 
     def finish(self, run: Run) -> Run:
         from jaxlora import lora as lora_lib
+        from jaxlora.training import step as step_lib
         t0 = time.perf_counter()
-        tr = run.state.trainable
+        tr = step_lib.adapters(run.state.trainable, run.state.frozen)
         params = lora_lib.overlay(run.params, tr["full"])
         run.accuracy, run.answers = self.accuracy(params, tr["lora"] or None)
         print(f"  {LABELS[run.method]} lr {run.lr:g} seed {run.seed}: accuracy {run.accuracy:.3f} "

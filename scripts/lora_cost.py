@@ -35,33 +35,25 @@ def num_params(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-def step_cost(model, trainable, targets, lora_config, batch: int, seq: int) -> dict:
-    """FLOPs and optimizer-state bytes of one compiled train step that trains `trainable` (shape structs)."""
+def step_cost(model, run_config, batch: int, seq: int, trainable=None) -> dict:
+    """FLOPs and optimizer-state bytes of the compiled train step `build_training` makes for `run_config` (or for an
+    explicit `trainable` of shape structs, e.g. full fine-tuning), built from shapes only."""
     import jax
     import jax.numpy as jnp
     from jaxlora import sharding
     from jaxlora.training import optim
-    from jaxlora.training import step as step_lib
+    from jaxlora.training.build import build_training
 
-    tx, schedule = optim.make_optimizer(optim.OptimConfig(), 1000)
-    trainable_sh = step_lib.trainable_shardings_for(model, targets, lora_config, trainable["full"])
-    rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    state = jax.eval_shape(lambda t, r: step_lib.TrainState(jnp.zeros((), jnp.int32), t, tx.init(t), r),
-                           trainable, rng)
-    state_sh = step_lib.state_shardings(state, trainable_sh, model.mesh)
-
-    def with_sharding(x, s):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-    state = jax.tree.map(with_sharding, state, state_sh)
-    params = jax.tree.map(with_sharding, model.abstract_params, model.param_shardings)
+    tx, _ = optim.make_optimizer(optim.OptimConfig(), 1000)
+    training = build_training(model, run_config, total_steps=1000, trainable=trainable, abstract=True, tx=tx)
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sharding.batch_sharding(model.mesh))
-    step = step_lib.jit_train_step(step_lib.make_train_step(model, tx, schedule, 1), model.param_shardings,
-                                   state_sh, model.mesh)
-    compiled = step.lower(params, state, {"input_ids": tokens, "attention_mask": tokens, "labels": tokens}).compile()
+    batch_ = {"input_ids": tokens, "attention_mask": tokens, "labels": tokens}
+    compiled = training.train_step.lower(training.params, training.state, batch_).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return {"flops": float(cost["flops"]), "trainable_params": num_params(trainable),
-            "trainable_bytes": nbytes(trainable), "opt_bytes": nbytes(state.opt_state)}
+    state = training.state
+    return {"flops": float(cost["flops"]), "trainable_params": num_params(state.trainable),
+            "trainable_bytes": nbytes(state.trainable), "opt_bytes": nbytes(state.opt_state)}
 
 
 def human(n: float, unit: str = "B") -> str:
@@ -86,7 +78,6 @@ def main(argv=None) -> None:
     from jaxlora.config import RunConfig
     from jaxlora.lora import LoraConfig
     from jaxlora.models.model import Model, from_pretrained
-    from jaxlora.training.trainer import build_trainable
 
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
     if args.model:
@@ -96,10 +87,9 @@ def main(argv=None) -> None:
     targets_spec = args.targets if args.targets == "all-linear" else args.targets.split(",")
     lora_config = LoraConfig(r=args.r, lora_alpha=2.0 * args.r, target_modules=targets_spec)
     targets = model.lora_targets(lora_config)
-    lora = jax.eval_shape(lambda key: build_trainable(model, RunConfig(lora=lora_config), key)[0],
-                          jax.random.PRNGKey(0))
-    lora_cost = step_cost(model, lora, targets, lora_config, args.batch, args.seq)
-    full_cost = step_cost(model, {"lora": {}, "full": model.abstract_params}, [], lora_config, args.batch, args.seq)
+    lora_cost = step_cost(model, RunConfig(lora=lora_config), args.batch, args.seq)
+    full_cost = step_cost(model, RunConfig(lora=lora_config), args.batch, args.seq,
+                          trainable={"lora": {}, "full": model.abstract_params})
     base_bytes = nbytes(model.abstract_params)
 
     c = model.config

@@ -24,7 +24,8 @@ import jaxlora
 from tiny import peft_with_random_factors
 from jaxlora import lora as lora_lib, sharding
 from jaxlora.training import optim
-from jaxlora.training import step as step_lib
+from jaxlora.config import RunConfig
+from jaxlora.training.build import build_training
 from jaxlora.lora import LoraConfig, LoraGAConfig, lora_items, module_names
 from jaxlora.models import bert
 from jaxlora.sharding import MeshConfig
@@ -301,16 +302,15 @@ def test_modules_to_save_selects_the_head():
 
 def _train(model, lora, full, batch, steps: int):
     """`steps` jaxlora train steps on one batch: (losses, final trainable)."""
-    trainable = {"lora": lora, "full": full}
-    tx, schedule = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-2, schedule="constant"), steps, trainable)
-    state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(trainable),
-                                rng=jax.random.key(0))
-    train_step = jax.jit(step_lib.make_train_step(model, tx, schedule, 1))
+    run = RunConfig(optim=optim.OptimConfig(learning_rate=1e-2, schedule="constant"))
+    training = build_training(model, run, total_steps=steps, trainable={"lora": lora, "full": full},
+                              rngs=(jax.random.key(0), jax.random.key(0)), batch_rows=batch["input_ids"].shape[0])
+    state, train_step = training.state, training.train_step
     losses = []
     for _ in range(steps):
         state, metrics = train_step(model.params, state, batch)
         losses.append(float(metrics["loss"]))
-    return losses, state.trainable
+    return losses, training.adapters(state)
 
 
 def test_train_step_and_lora_ga_use_the_classifier_objective(tiny):
@@ -324,7 +324,8 @@ def test_train_step_and_lora_ga_use_the_classifier_objective(tiny):
                      init_lora_weights="lora_ga",
                      lora_ga_config=LoraGAConfig(batch_size=3, num_batches=2, svd_method="exact"))
     host_batch = {k: np.asarray(v) for k, v in batch.items()}
-    lora, params = jaxlora.lora_ga_init(model, cfg, [host_batch, host_batch])
+    lora = jaxlora.lora_ga_init(model, cfg, [host_batch, host_batch])
+    params = model.params  # never modified: the update is relative to it
     np.testing.assert_allclose(ours(model, ids, mask, lora=lora, params=params)[0], ours(model, ids, mask)[0],
                                atol=1e-4, rtol=0)
     base_before = jax.tree.map(np.asarray, params)

@@ -2,6 +2,10 @@
 eval, merged export loaded by transformers, and user errors as one line with exit code 2. Also: every shipped
 config in configs/ parses against the schema."""
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +14,7 @@ import torch
 import transformers
 
 import tiny
-from jaxlora import cli
+from jaxlora import backends, cli
 from jaxlora.config import RunConfig, load_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,3 +80,30 @@ def test_user_errors_are_one_line(run, capsys, override, needle):
     assert cli.main(["train", "--config", str(cfg), "--set", override, "--set", "train.output_dir=/tmp/x"]) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1, err
+
+
+def test_no_tpu_messages_on_a_host_without_tpu(tmp_path):
+    """libtpu is installed for `jaxlora plan`; a command on a CPU/GPU host with JAX_PLATFORMS unset, as a user runs
+    it, must not print libtpu's failed TPU probing ("Failed to find host bounds ...", "unexpected worker hostname")."""
+    if backends.tpu_present():
+        pytest.skip("this host has TPU chips: TPU messages are expected here")
+    model = tiny.tiny_model_dir(tmp_path / "model")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    proc = subprocess.run([sys.executable, "-m", "jaxlora.cli", "generate", "--model", str(model), "--prompt", "1 + 1",
+                           "--max-new-tokens", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert '"completion"' in proc.stdout
+    tpu_lines = [line for line in proc.stderr.splitlines() if re.search(r"\btpu|libtpu", line, re.IGNORECASE)]
+    assert not tpu_lines, proc.stderr
+
+
+@pytest.mark.parametrize("fmt", ["merged", "peft"])
+def test_export_to_an_existing_file_is_one_line(run, capsys, fmt):
+    d, cfg = run
+    target = d / f"a_file_{fmt}.txt"
+    target.write_text("keep me")
+    for out, extra in ((target, []), (target, ["--overwrite"]), (target / "sub", [])):
+        assert cli.main(["export", "--config", str(cfg), "--format", fmt, "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(target) in err and "not a folder" in err, err
+    assert target.read_text() == "keep me" and not list(d.glob(f".{target.name}*"))

@@ -211,3 +211,38 @@ def test_missing_file_and_bad_top_level(tmp_path):
         load_config(Config, write(tmp_path, "- 1\n- 2\n"))
     with pytest.raises(ConfigError, match="missing required key 'name'"):
         load_config(Config, write(tmp_path, "", "empty.yaml"))
+
+
+def test_set_hints_name_real_run_config_keys():
+    """Every dotted `--set KEY=...` shown to users (messages, CLI help, docstrings, configs, README, docs) names a
+    field of jaxlora.config.RunConfig: a hint with a stale key would send users to an 'unknown key' error."""
+    import re
+    import typing
+    from pathlib import Path
+
+    from jaxlora.config import RunConfig
+
+    def resolve(key: str) -> bool:
+        cls = RunConfig
+        for part in key.split("."):
+            if not dataclasses.is_dataclass(cls):
+                return False
+            fields = {f.name: f for f in dataclasses.fields(cls)}
+            if part not in fields:
+                return False
+            cls = typing.get_type_hints(cls)[part]
+        return True
+
+    root = Path(__file__).resolve().parent.parent
+    files = [*(root / "jaxlora").rglob("*.py"), *(root / "configs").glob("*.yaml"), *(root / "scripts").glob("*.py"),
+             *(root / "docs").rglob("*.md"), root / "README.md"]
+    try:
+        parse_override("optim.learning_rate")
+    except ConfigError as e:
+        message = str(e)  # the hint a malformed --set gets
+    texts = {str(p.relative_to(root)): p.read_text() for p in files if p.exists()}
+    texts["parse_override's error"] = message
+    hints = {(where, key) for where, text in texts.items()
+             for key in re.findall(r"--set[ =]([A-Za-z_][\w]*(?:\.[\w]+)+)=", text) if key != "section.key"}
+    assert any(where == "parse_override's error" for where, _ in hints)  # the scan sees the message's example
+    assert [h for h in sorted(hints) if not resolve(h[1])] == []

@@ -284,7 +284,7 @@ def test_cache_reused(tmp_path, tokenizer, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("map recomputed instead of reusing the cache")
 
-    monkeypatch.setattr(D, "tokenize_example", boom)
+    monkeypatch.setattr(D.tokenized, "tokenize_example", boom)  # where load_tokenized looks it up
     second = D.load_tokenized(cfg, tokenizer)
     assert os.stat(cache_file).st_mtime_ns == mtime
     assert cache_file in [f["filename"] for f in second.dataset.cache_files]

@@ -21,7 +21,7 @@ import jaxlora
 from tiny import peft_with_random_factors
 from jaxlora import sharding
 from jaxlora.lora import LoraConfig, linear_modules, lora_items, module_names
-from jaxlora.models import bloom
+from jaxlora.models import bloom, registry
 from jaxlora.sharding import MeshConfig
 
 PARITY_ATOL = 1e-4  # float32, PyTorch vs XLA on CPU
@@ -176,16 +176,26 @@ def test_export_reloads_in_transformers(variant, tmp_path):
 
 
 def test_old_gpt2_attention_buffers_are_ignored(tmp_path):
-    """Older GPT-2 checkpoints carry attn.bias / attn.masked_bias causal-mask buffers; they are read past."""
+    """Older GPT-2 checkpoints carry attn.bias / attn.masked_bias causal-mask buffers; they are read past: the model
+    loads exactly the weights of the same checkpoint without them, and its logits still match transformers'."""
     import safetensors.torch
-    build_hf("gpt2").save_pretrained(tmp_path)
-    path = tmp_path / "model.safetensors"
+    hf = build_hf("gpt2")
+    hf.save_pretrained(tmp_path / "clean")
+    hf.save_pretrained(tmp_path / "old")
+    path = tmp_path / "old" / "model.safetensors"
     tensors = safetensors.torch.load_file(path)
     for i in range(2):
         tensors[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
         tensors[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
-    jaxlora.from_pretrained(tmp_path)
+    model, clean = jaxlora.from_pretrained(tmp_path / "old"), jaxlora.from_pretrained(tmp_path / "clean")
+    flat, flat_clean = traverse_util.flatten_dict(model.params), traverse_util.flatten_dict(clean.params)
+    assert set(flat) == set(flat_clean)
+    for key, x in flat.items():
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(flat_clean[key]), err_msg="/".join(key))
+    ids, mask = make_batch("left")
+    keep = mask.astype(bool)
+    assert np.abs(jax_logits(model, ids, mask) - hf_logits(hf, ids, mask))[keep].max() < PARITY_ATOL
 
 
 # ------------------------------------------------------------------------------------------ LoRA
@@ -318,3 +328,32 @@ def test_gpt2_unsupported_activation_is_named(tmp_path):
     with pytest.raises(ValueError, match="activation_function 'tanh' is not supported") as e:
         jaxlora.from_pretrained(tmp_path)
     assert "config.json" in str(e.value) and "gelu_new" in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------ the family registry
+
+
+@pytest.mark.parametrize("fam", registry.FAMILIES, ids=lambda f: f.name)
+def test_registry_entry_round_trips(fam):
+    """Every architecture and model_type a family record lists leads back to that record."""
+    for arch in fam.architectures:
+        assert registry.family_for({"architectures": [arch], "model_type": "something-else"}) is fam
+        assert registry.by_architecture(arch) is fam
+    for model_type in fam.model_types:
+        assert registry.family_for({"model_type": model_type}) is fam
+
+
+def test_registry_lists_every_family_once():
+    assert [f.name for f in registry.FAMILIES] == ["llama", "bloom", "gpt2", "bert", "t5"]
+    archs = [a for f in registry.FAMILIES for a in f.architectures]
+    assert len(archs) == len(set(archs)) and registry.SUPPORTED_ARCHITECTURES == tuple(archs)
+
+
+@pytest.mark.parametrize("hf_config", [{"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox"},
+                                       {"model_type": "gpt_neox"}], ids=["architecture", "model_type"])
+def test_registry_unknown_family_names_the_supported_ones(hf_config):
+    unknown = (hf_config.get("architectures") or [hf_config["model_type"]])[0]
+    with pytest.raises(ValueError, match=f"x/config.json: unsupported architecture '{unknown}'; supported: ") as e:
+        registry.family_for(hf_config, "x/config.json")
+    for arch in registry.SUPPORTED_ARCHITECTURES:
+        assert arch in str(e.value)

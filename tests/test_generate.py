@@ -191,3 +191,19 @@ def test_cli_generate(folder, model, tokenizer, adapter, capsys):
     assert [x["completion"] for x in lines] == expected and lines[0]["prompt"] == "what is two"
     assert cli.main(["generate", "--model", str(folder), "--prompt", "x", "--top-p", "0"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_dropped_model_is_freed_after_generation(folder, prompts):
+    """The compiled decode function must not keep its model (and so its weights) alive once the user drops it."""
+    import gc
+    import weakref
+    m = jaxlora.from_pretrained(folder)
+    generate_ids(m, m.params, prompts[:1], max_new_tokens=2)
+    generate_ids(m, m.params, prompts[:1], max_new_tokens=2)
+    assert _decode_fn(m)._cache_size() == 1  # still one compilation per live model
+    model_ref = weakref.ref(m)
+    param_refs = [weakref.ref(x) for x in jax.tree.leaves(m.params)]
+    del m
+    gc.collect()
+    assert model_ref() is None
+    assert all(r() is None for r in param_refs)

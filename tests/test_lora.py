@@ -328,3 +328,67 @@ def test_modules_to_save_no_match(model):
     with pytest.raises(LoraConfigError, match="matches no module") as e:
         L.split_modules_to_save(model.params, ["classifier"])
     assert "lm_head" in str(e.value) and "embed_tokens" in str(e.value)
+
+
+def test_replicated_parameter_dim_is_a_warning_once(caplog):
+    """A parameter dim that its mesh axis does not divide (3 KV heads over tensor=2) falls back to replication: a
+    WARNING naming its logical axes, shape and mesh, once per distinct case (not once per identical layer)."""
+    import logging
+
+    from jaxlora import sharding
+    mesh = make_mesh(MeshConfig(fsdp=4, tensor=2))
+    axes = ("layers", "embed", "kv_heads")
+    shapes = {name: jax.ShapeDtypeStruct((5, 64, 3), jnp.float32) for name in ("k_proj", "v_proj")}
+    with caplog.at_level(logging.WARNING, logger="jaxlora.sharding"):
+        for _ in range(3):  # e.g. the same parameter in several layers / models
+            out = sharding.tree_shardings({name: axes for name in shapes}, shapes, mesh)
+        assert sharding.logical_to_spec(("batch", "heads"), (7, 3), mesh) == P(None, None)  # not a parameter
+    assert out["k_proj"].spec == P(None, "fsdp", None)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    msg = warnings[0].getMessage()
+    assert "('layers', 'embed', 'kv_heads')" in msg and "(5, 64, 3)" in msg and "kv_heads" in msg
+    assert "'fsdp': 4" in msg and "'tensor': 2" in msg and "replicat" in msg
+
+
+def _grads_close(got, ref, rtol=1e-5):
+    """Gradients equal to within rtol of each one's largest entry (float32; only the summation order differs)."""
+    for name, g, r in zip("xab", got, ref):
+        assert g.shape == r.shape and g.dtype == r.dtype, name
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=rtol, atol=rtol * float(np.abs(r).max()),
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("x_shape", [(2, 7, 16), (7, 16), (16,)], ids=["BxTxD", "TxD", "D"])
+def test_low_rank_matmul_grads_equal_autodiff(x_shape):
+    """The custom VJP of low_rank_matmul (weight gradients laid out for XLA:CPU) gives autodiff's gradients of
+    (x @ a) @ b w.r.t. x, a and b, and the same forward."""
+    rs = np.random.RandomState(0)
+    x, a, b = (jnp.asarray(rs.normal(size=s), jnp.float32) for s in (x_shape, (16, 4), (4, 24)))
+    w = jnp.asarray(rs.normal(size=(*x_shape[:-1], 24)), jnp.float32)  # a non-uniform cotangent
+    loss = lambda f: lambda x, a, b: jnp.sum(f(x, a, b) * w)
+    plain = lambda x, a, b: (x @ a) @ b
+    np.testing.assert_allclose(L.low_rank_matmul(x, a, b), plain(x, a, b), rtol=1e-6, atol=1e-5)
+    ref = jax.grad(loss(plain), argnums=(0, 1, 2))(x, a, b)
+    _grads_close(jax.jit(jax.grad(loss(L.low_rank_matmul), argnums=(0, 1, 2)))(x, a, b), ref)
+    _grads_close(jax.grad(loss(L.low_rank_matmul), argnums=(0, 1, 2))(x, a, b), ref)  # eager too
+
+
+@pytest.mark.parametrize("transform", ["vmap", "scan"])
+def test_low_rank_matmul_grads_equal_autodiff_stacked(transform):
+    """Over stacked layers (the model scans its layers; vmap for good measure): a (L, in, r), b (L, r, out)."""
+    n, rs = 3, np.random.RandomState(1)
+    a = jnp.asarray(rs.normal(size=(n, 16, 4)), jnp.float32)
+    b = jnp.asarray(rs.normal(size=(n, 4, 16)) * 0.3, jnp.float32)
+    x = jnp.asarray(rs.normal(size=(n, 2, 7, 16) if transform == "vmap" else (2, 7, 16)), jnp.float32)
+
+    def run(f):
+        if transform == "vmap":
+            return lambda x, a, b: jnp.sum(jnp.sin(jax.vmap(f)(x, a, b)))
+
+        def body(h, ab):
+            return h + jnp.tanh(f(h, *ab)), None
+        return lambda x, a, b: jnp.sum(jnp.sin(jax.lax.scan(body, x, (a, b))[0]))
+
+    ref = jax.grad(run(lambda x, a, b: (x @ a) @ b), argnums=(0, 1, 2))(x, a, b)
+    _grads_close(jax.jit(jax.grad(run(L.low_rank_matmul), argnums=(0, 1, 2)))(x, a, b), ref)

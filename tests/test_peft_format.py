@@ -166,9 +166,9 @@ def test_export_pins_rank_and_scale_the_config_does_not_give(folder, model, ids,
 # ------------------------------------------------------------------------------------------ LoRA-GA-like
 
 
-def base_modifying_adapter(model, cfg: LoraConfig):
-    """(residual params W0 - s*a0@b0, LoRA tree with a0/b0): what a base-modifying init (LoRA-GA) leaves after
-    training, with random trained factors a, b and random initial factors a0, b0."""
+def base_relative_adapter(model, cfg: LoraConfig):
+    """(the equivalent residual params W0 - s*a0@b0, LoRA tree with a0/b0): what an init relative to the base (LoRA-GA)
+    leaves after training, with random trained factors a, b and random initial factors a0, b0."""
     trained = random_lora(model, cfg, 5)
     initial = random_lora(model, cfg, 6)
     residual = unmerge(model.params, initial)
@@ -178,12 +178,14 @@ def base_modifying_adapter(model, cfg: LoraConfig):
 
 
 @pytest.mark.parametrize("rslora", [False, True], ids=["alpha_over_r", "rslora"])
-def test_base_modifying_adapter_exports_for_the_original_base(folder, model, ids, tmp_path, rslora):
+def test_base_relative_adapter_exports_for_the_original_base(folder, model, ids, tmp_path, rslora):
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=rslora,
                      rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 4.0}, init_lora_weights=False)
-    residual, lora = base_modifying_adapter(model, cfg)
-    assert all(w.modifies_base for _, w in L.lora_items(lora))
-    ours = jax_logits(model, ids, residual, lora)  # what training on the residual base computes
+    residual, lora = base_relative_adapter(model, cfg)
+    assert all(w.relative_to_base for _, w in L.lora_items(lora))
+    ours = jax_logits(model, ids, model.params, lora)  # what training computes: W0 + s*x@(a@b - a0@b0)
+    strip = jax.tree.map(lambda w: LoraWeights(w.a, w.b, scale=w.scale), lora, is_leaf=L.is_lora_leaf)
+    np.testing.assert_allclose(jax_logits(model, ids, residual, strip), ours, atol=ATOL, rtol=0)  # = the residual design
     out = export_peft(model, lora, cfg, tmp_path / "adapter")
     written = json.loads((out / "adapter_config.json").read_text())
     grow = math.sqrt(2) if rslora else 2.0
@@ -207,13 +209,13 @@ def test_real_lora_ga_init_exports_for_the_original_base(folder, model, ids, tmp
     cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights="lora_ga",
                      lora_ga_config=jaxlora.LoraGAConfig(batch_size=2, num_batches=1, svd_method="exact"))
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}
-    lora, residual = jaxlora.lora_ga_init(model, cfg, [batch], progress=False)
-    assert all(w.modifies_base for _, w in L.lora_items(lora))
-    np.testing.assert_allclose(jax_logits(model, ids, residual, lora), jax_logits(model, ids), atol=ATOL, rtol=0)
+    lora = jaxlora.lora_ga_init(model, cfg, [batch], progress=False)
+    assert all(w.relative_to_base for _, w in L.lora_items(lora))
+    np.testing.assert_allclose(jax_logits(model, ids, model.params, lora), jax_logits(model, ids), atol=ATOL, rtol=0)
     trained = jax.tree.map(lambda w: LoraWeights(w.a * 1.5, w.b + 0.05, w.a0, w.b0, scale=w.scale), lora,
                            is_leaf=L.is_lora_leaf)
     out = export_peft(model, trained, cfg, tmp_path / "adapter")
-    check_parity("lora_ga_init", jax_logits(model, ids, residual, trained), peft_logits(folder, out, ids),
+    check_parity("lora_ga_init", jax_logits(model, ids, model.params, trained), peft_logits(folder, out, ids),
                  jax_logits(model, ids))
 
 
@@ -445,7 +447,7 @@ def test_cli_export_format_peft(folder, model, ids, tmp_path, monkeypatch, capsy
 
     class Loop:
         load_model = staticmethod(lambda config, mesh: model)
-        restore_trainable = staticmethod(lambda config, m, step: ({"lora": lora, "full": full}, 3))
+        restore_adapters = staticmethod(lambda config, m, step: ({"lora": lora, "full": full}, 3))
 
     monkeypatch.setattr(cli, "_train_lib", lambda: Loop)
     run = tmp_path / "run.yaml"
@@ -459,3 +461,62 @@ def test_parity_summary():
     """Prints every parity figure of this module (run last)."""
     print("\n" + "\n".join(f"  {k:28s} {v:.2e}" for k, v in PARITY.items()))
     assert all(v < ATOL for v in PARITY.values())
+
+
+# ------------------------------------------------------------------------------------------ task_type per model
+
+
+def test_export_task_type_follows_the_model(model, tmp_path):
+    """adapter_config.json's task_type is PEFT's for what the model is (CAUSAL_LM / SEQ_CLS / SEQ_2_SEQ_LM), and
+    PEFT loads the BERT and T5 adapters with the same logits as ours."""
+    task = lambda d: json.loads((d / "adapter_config.json").read_text())["task_type"]
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    assert task(export_peft(model, random_lora(model, cfg, 0), cfg, tmp_path / "llama")) == "CAUSAL_LM"
+
+    torch.manual_seed(0)
+    hf_bert = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=32, num_labels=3)).eval()
+    hf_bert.save_pretrained(tmp_path / "bert")
+    bert = jaxlora.from_pretrained(tmp_path / "bert")
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])
+    lora = random_lora(bert, cfg, 1)
+    out = export_peft(bert, lora, cfg, tmp_path / "bert_adapter")
+    assert task(out) == peft.TaskType.SEQ_CLS.value
+    pm = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "bert"), out).eval()
+    assert isinstance(pm, peft.PeftModelForSequenceClassification)
+    ids = np.random.RandomState(0).randint(3, 64, (2, SEQ)).astype(np.int32)
+    mask = np.ones_like(ids)
+    with torch.no_grad():
+        ref = pm(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    check_parity("bert_seq_cls", np.asarray(bert.apply(bert.params, jnp.asarray(ids), jnp.asarray(mask),
+                                                       lora=lora)), ref)
+    back, _, full = import_peft(bert, out, modules_to_save=True)  # the head PEFT needs comes back as a saved module
+    assert_same_tree(back, lora)
+    assert list(full) == ["classifier"]
+
+    torch.manual_seed(0)
+    hf_t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+        relative_attention_max_distance=16, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
+    hf_t5.save_pretrained(tmp_path / "t5")
+    t5_model = jaxlora.from_pretrained(tmp_path / "t5")
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v", "wo"])
+    lora = random_lora(t5_model, cfg, 2)
+    out = export_peft(t5_model, lora, cfg, tmp_path / "t5_adapter")
+    assert task(out) == peft.TaskType.SEQ_2_SEQ_LM.value
+    assert peft.PeftConfig.from_pretrained(out).task_type == peft.TaskType.SEQ_2_SEQ_LM
+    # PEFT 0.21's PeftModelForSeq2SeqLM (what from_pretrained picks for SEQ_2_SEQ_LM) reads a method transformers 5
+    # removed; the weights are loaded here through a plain PeftModel (task_type overridden), as tests/test_t5.py does.
+    plain = peft.PeftConfig.from_pretrained(out)
+    plain.task_type = None
+    pm = peft.PeftModel.from_pretrained(transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "t5"), out,
+                                        config=plain).eval()
+    dec = np.random.RandomState(1).randint(2, 64, (2, 4)).astype(np.int32)
+    with torch.no_grad():
+        ref = pm(input_ids=torch.tensor(ids, dtype=torch.long), decoder_input_ids=torch.tensor(dec, dtype=torch.long)
+                 ).logits.numpy()
+    ours = t5_model.apply(t5_model.params, jnp.asarray(ids), jnp.asarray(mask), lora=lora,
+                          decoder_input_ids_BxL=jnp.asarray(dec))
+    check_parity("t5_seq2seq", np.asarray(ours), ref)

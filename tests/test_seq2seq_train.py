@@ -171,7 +171,10 @@ def _run_config(tmp_path, t5_dir, *overrides) -> RunConfig:
         f"data.cache_dir={tmp_path / 'tok'}", f"lora.lora_ga_config.cache_dir={tmp_path / 'ga'}",
         "lora.lora_ga_config.num_batches=4", "train.micro_batch_size=8", "train.max_steps=24",
         "train.eval_every=0", "train.save_every=0", "train.progress_bar=false", "train.log_every=4",
-        f"train.output_dir={tmp_path / 'run'}", "optim.learning_rate=3e-3", *overrides])
+        f"train.output_dir={tmp_path / 'run'}", "optim.learning_rate=3e-3",
+        # the tiny model is a gated T5 v1.1 (wi_0/wi_1, no `wi`): the shipped t5-base config's targets less `wi`, which
+        # matched nothing here (an explicit entry that matches no module is now an error)
+        "lora.target_modules=[q, k, v, o, wo]", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +206,8 @@ def test_logged_accuracy_equals_single_device_scoring(sst2_run, tok):
     config, result = sst2_run
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
     model = trainer.load_model(config, mesh)
-    trainable, step = trainer.restore_trainable(config, model)
-    params = trainer.trained_base(model.params, trainable)
+    trainable, step = trainer.restore_adapters(config, model)
+    params = model.params
     import datasets
     records = list(datasets.load_from_disk(str(assets.glue_validation_path("sst2"))))
     assert len(records) == 872

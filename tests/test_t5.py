@@ -267,7 +267,8 @@ def test_lora_ga_keeps_step0_logits(tiny):
     host = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v", "wo"], init_lora_weights="lora_ga",
                      lora_ga_config=LoraGAConfig(batch_size=3, num_batches=2, svd_method="exact"))
-    lora, params = jaxlora.lora_ga_init(model, cfg, [host, host])
+    lora = jaxlora.lora_ga_init(model, cfg, [host, host])
+    params = model.params  # never modified: the update is relative to it
     err = float(np.abs(ours(model, ids, mask, labels, lora=lora, params=params)
                        - ours(model, ids, mask, labels)).max())
     PARITY_ERRORS["lora_ga/step0_logits_change"] = err
@@ -277,17 +278,17 @@ def test_lora_ga_keeps_step0_logits(tiny):
 
 def test_train_step_fits_a_batch(tiny):
     """jaxlora's train step (through `Model.loss_sums`: decoder inputs = labels shifted right) fits one batch."""
+    from jaxlora.config import RunConfig
     from jaxlora.training import optim
-    from jaxlora.training import step as step_lib
+    from jaxlora.training.build import build_training
     _, _, model = tiny("gated-gelu", False)
     ids, mask, labels = make_batch()
     cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v", "wo"])
     lora = jaxlora.init_lora(model, cfg, jax.random.key(0))
-    trainable = {"lora": lora, "full": {}}
-    tx, schedule = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-2, schedule="constant"), 12, trainable)
-    state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(trainable),
-                                rng=jax.random.key(0))
-    train_step = jax.jit(step_lib.make_train_step(model, tx, schedule, 1))
+    run = RunConfig(lora=cfg, optim=optim.OptimConfig(learning_rate=1e-2, schedule="constant"))
+    training = build_training(model, run, total_steps=12, lora=lora, rngs=(jax.random.key(0), jax.random.key(0)),
+                              batch_rows=ids.shape[0])
+    state, train_step = training.state, training.train_step
     batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "labels": jnp.asarray(labels)}
     losses = []
     for _ in range(12):

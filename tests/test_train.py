@@ -33,9 +33,11 @@ from jaxlora import sharding
 from jaxlora.training import optim
 from jaxlora.training import step as step_lib
 from jaxlora.training import trainer as train_lib
-from jaxlora.config import RunConfig, load_run_config
+from jaxlora.config import RunConfig, TrainConfig, load_run_config
 from jaxlora.lora import LoraConfig
 from jaxlora.models.model import from_pretrained
+from jaxlora.losses import next_token_loss_sums
+from jaxlora.training.build import build_training
 from jaxlora.training.optim import OptimConfig
 from jaxlora.sharding import MeshConfig
 
@@ -76,15 +78,10 @@ def batches(assets, model) -> list[dict]:
 def make_step(model, lora=LoraConfig(), optim_cfg=OptimConfig(learning_rate=LR, schedule="constant"),
               accum: int = 1, tx=None, seed: int = 0):
     """(initial state, jitted train step) exactly as `train()` builds them; `tx` overrides the optimizer."""
-    run = RunConfig(lora=lora, optim=optim_cfg)
-    trainable, targets, _ = train_lib.build_trainable(model, run, jax.random.PRNGKey(seed))
-    default_tx, schedule = optim.make_optimizer(optim_cfg, 10)
-    tx = tx or default_tx
-    shardings = step_lib.trainable_shardings_for(model, targets, lora, trainable["full"])
-    state, state_sh = step_lib.init_state(trainable, tx, jax.random.PRNGKey(seed + 1), shardings, model.mesh)
-    step = step_lib.jit_train_step(step_lib.make_train_step(model, tx, schedule, accum), model.param_shardings,
-                                   state_sh, model.mesh)
-    return state, step
+    run = RunConfig(lora=lora, optim=optim_cfg, train=TrainConfig(grad_accum_steps=accum))
+    training = build_training(model, run, total_steps=10, rngs=(jax.random.PRNGKey(seed), jax.random.PRNGKey(seed + 1)),
+                              tx=tx or optim.make_optimizer(optim_cfg, 10)[0])
+    return training.state, training.train_step
 
 
 def host(tree):
@@ -135,7 +132,7 @@ def test_step_leaves_base_bitwise_frozen_and_moves_adapters(model, two_steps):
 def test_zero_b_lora_loss_equals_base_loss(model, batches, two_steps):
     b = batches[0]
     logits = model.apply(model.params, jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"]))
-    loss_sum, count = step_lib.token_loss_sums(logits, jnp.asarray(b["labels"]))
+    loss_sum, count = next_token_loss_sums(logits, jnp.asarray(b["labels"]))
     np.testing.assert_allclose(two_steps["metrics"][0]["loss"], float(loss_sum / count), rtol=1e-5)
     assert two_steps["metrics"][0]["tokens"] == float(count)
 
@@ -233,13 +230,8 @@ def test_optimizer_state_offload_to_host(assets, batches):
     for offload in (False, True):
         optim_cfg = OptimConfig(learning_rate=LR, schedule="constant", offload_state=offload)
         run = RunConfig(lora=lora, optim=optim_cfg)
-        trainable, targets, params = train_lib.build_trainable(m, run, jax.random.PRNGKey(0))
-        tx, schedule = optim.make_optimizer(optim_cfg, 10, trainable)
-        sh = step_lib.trainable_shardings_for(m, targets, lora, trainable["full"])
-        state, state_sh = step_lib.init_state(trainable, tx, jax.random.PRNGKey(1), sh, m.mesh, offload)
-        step = step_lib.jit_train_step(
-            step_lib.make_train_step(m, tx, schedule, 1, state_sh.opt_state if offload else None),
-            m.param_shardings, state_sh, m.mesh)
+        training = build_training(m, run, total_steps=10, rngs=(jax.random.PRNGKey(0), jax.random.PRNGKey(1)))
+        params, state, step = training.params, training.state, training.train_step
         losses = []
         for b in batches[:3]:
             state, metrics = step(params, state, step_lib.place_batch(b, m.mesh))
@@ -266,12 +258,11 @@ def test_lora_step_costs_less_than_full_finetuning(model, batches):
     assert adapter_bytes == nbytes(state.trainable["lora"]) > 0
     assert 2 * adapter_bytes <= nbytes(state.opt_state) <= 2 * adapter_bytes + 64  # mu, nu + step counters
 
-    tx, schedule = optim.make_optimizer(OptimConfig(learning_rate=LR), 10)
     full = {"lora": {}, "full": model.params}
-    full_sh = step_lib.trainable_shardings_for(model, [], lora_cfg, model.params)
-    full_state, full_state_sh = step_lib.init_state(full, tx, jax.random.PRNGKey(1), full_sh, model.mesh)
-    full_step = step_lib.jit_train_step(step_lib.make_train_step(model, tx, schedule, 1), model.param_shardings,
-                                        full_state_sh, model.mesh)
+    full_training = build_training(model, RunConfig(lora=lora_cfg, optim=OptimConfig(learning_rate=LR)),
+                                   total_steps=10, trainable=full,
+                                   rngs=(jax.random.PRNGKey(0), jax.random.PRNGKey(1)))
+    full_state, full_step = full_training.state, full_training.train_step
     full_flops = cost_flops(full_step.lower(model.params, full_state, batch).compile())
     base_bytes = nbytes(model.params)
     assert 2 * base_bytes <= nbytes(full_state.opt_state) <= 2 * base_bytes + 64
@@ -421,7 +412,7 @@ def test_checkpoints_are_adapter_sized_and_rotated(model, resume_runs):
     ckpt_bytes = sum(f.stat().st_size for f in (out / "checkpoints" / "12").rglob("*") if f.is_file())
 
     lora = LoraConfig(lora_dropout=0.1)
-    trainable, _, _ = train_lib.build_trainable(model, RunConfig(lora=lora), jax.random.PRNGKey(0))
+    trainable = build_training(model, RunConfig(lora=lora), total_steps=12).state.trainable
     tx, _ = optim.make_optimizer(OptimConfig(), 12)
     state_bytes = nbytes(trainable) + nbytes(jax.eval_shape(tx.init, trainable))
     base_bytes = nbytes(model.params)

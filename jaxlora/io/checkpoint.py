@@ -1,6 +1,7 @@
 """Training checkpoints with orbax-checkpoint: adapter-sized, atomic, restored straight into their shardings.
 
-A checkpoint holds the train state (trainable tree = LoRA factors + modules_to_save, optimizer state, step, RNG) and
+A checkpoint holds the train state (trainable tree = LoRA factors + modules_to_save, LoRA-GA's frozen a0/b0,
+optimizer state, step, RNG) and
 a JSON `meta` item (the model's and the LoRA tree's signature, the data position, the run config). It never holds
 the frozen base. Orbax writes each step to a temporary folder and renames it when complete, so a crash never leaves a
 half-written checkpoint, and keeps the last `keep` steps.
@@ -26,8 +27,11 @@ class ResumeError(ValueError):
 def state_signature(model_config, state) -> dict:
     """What must match for a checkpoint to be resumable: architecture and every trainable leaf's shape/dtype."""
     leaves = jax.tree_util.tree_leaves_with_path(state.trainable)
+    shapes = {jax.tree_util.keystr(p): [list(x.shape), str(x.dtype)] for p, x in leaves}
+    frozen = jax.tree_util.tree_leaves_with_path(getattr(state, "frozen", None) or {})  # LoRA-GA's a0/b0
+    shapes.update({"frozen" + jax.tree_util.keystr(p): [list(x.shape), str(x.dtype)] for p, x in frozen})
     return {"model": {k: v for k, v in vars(model_config).items() if isinstance(v, (int, float, str, bool))},
-            "trainable": {jax.tree_util.keystr(p): [list(x.shape), str(x.dtype)] for p, x in leaves}}
+            "trainable": shapes}
 
 
 class Checkpointer:

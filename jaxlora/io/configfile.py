@@ -4,15 +4,15 @@ Every config in jaxlora is a frozen dataclass (written with
 ``from __future__ import annotations``); the dataclass *is* the schema, with
 types and defaults.  A YAML file in ``configs/`` only fills that schema in, and
 the command line takes a config file plus dotted overrides such as
-``--set train.learning_rate=3e-4 --set lora.target_modules=[q_proj,v_proj]``.
+``--set optim.learning_rate=3e-4 --set lora.target_modules=[q_proj,v_proj]``.
 
 The point of this module is that a mistake is caught before anything runs and
 reported as one clear :class:`ConfigError` naming the dotted key and where it
 came from, e.g.::
 
-    unknown key 'train.lerning_rate' in configs/x.yaml (did you mean
-    'train.learning_rate'?); known keys of train: batch_size, learning_rate
-    train.learning_rate in --set train.learning_rate=abc: expected float, got str 'abc'
+    unknown key 'optim.lerning_rate' in configs/x.yaml (did you mean
+    'optim.learning_rate'?); known keys of optim: learning_rate, schedule, ...
+    optim.learning_rate in --set optim.learning_rate=abc: expected float, got str 'abc'
 
 No third-party config library: values are checked against the type hints of
 the dataclass fields (bool, int, float, str, None, Literal, list, tuple, dict,
@@ -246,12 +246,12 @@ def to_dict(obj: Any) -> Any:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"train.learning_rate=3e-4"`` -> ``(["train", "learning_rate"], 0.0003)``; value is YAML."""
+    """``"optim.learning_rate=3e-4"`` -> ``(["optim", "learning_rate"], 0.0003)``; value is YAML."""
     key, sep, raw = text.partition("=")
     keys = [k.strip() for k in key.split(".")]
     if not sep or not all(keys):
         raise ConfigError(f"bad override {text!r}: expected the form --set section.key=value "
-                          "(e.g. --set train.learning_rate=3e-4)")
+                          "(e.g. --set optim.learning_rate=3e-4)")
     try:
         return keys, yaml.load(raw, Loader=_Loader)
     except yaml.YAMLError as e:

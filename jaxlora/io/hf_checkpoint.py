@@ -257,13 +257,27 @@ def write_safetensors(tensors: Iterator[tuple[str, np.ndarray]], out_dir: Path,
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
-def atomic_folder(out_dir: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Runs `write(tmp)` into a temporary sibling folder, then renames it to out_dir: never half-written."""
+def check_output_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """out_dir as a Path if a folder can be written there: CheckpointError when it, or a folder above it, is a file,
+    or when it is a non-empty folder and not `overwrite`."""
     out = Path(out_dir)
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        where = "" if blocker == out else f" (in the output path {out})"
+        raise CheckpointError(f"{blocker} is a file, not a folder{where}; choose a folder path for the output")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise CheckpointError(f"{out} exists and is not empty; choose another folder or pass overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    return out
+
+
+def atomic_folder(out_dir: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Runs `write(tmp)` into a temporary sibling folder, then renames it to out_dir: never half-written."""
+    out = check_output_folder(out_dir, overwrite)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:  # e.g. no permission: one clear error, not a traceback
+        raise CheckpointError(f"cannot create the output folder {out}: {e.strerror or e}") from e
     try:
         write(tmp)
         if out.exists():

@@ -9,10 +9,10 @@ per-model default, q/v on Llama, and silently drop the other adapters). Fully tr
 written in PEFT's saved form `base_model.model.<module>.weight`, which `PeftModel.from_pretrained` loads into its
 trainable copy of the module.
 
-An adapter from a base-modifying init (LoRA-GA: the frozen kernel holds W0 - s*a0@b0) is exported relative to the
-ORIGINAL base W0, so PEFT on the unmodified checkpoint reproduces it:
+An adapter whose update is relative to its initial factors (LoRA-GA: s*x@(a@b - a0@b0) on the untouched base W0) is
+exported as a plain adapter on W0, so PEFT on the unmodified checkpoint reproduces it:
 
-    W0 + s*[a, a0] @ [b; -b0] = (W0 - s*a0@b0) + s*a@b        a' (in, 2r), b' (2r, out), s unchanged
+    W0 + s*[a, a0] @ [b; -b0] = W0 + s*(a@b - a0@b0)        a' (in, 2r), b' (2r, out), s unchanged
 
 so r doubles and alpha doubles (alpha/r) or grows by sqrt(2) (rsLoRA, alpha/sqrt(r)); pattern entries likewise.
 Whatever the config says, every module's exported rank and scale are checked against the tree and pinned with an
@@ -35,7 +35,8 @@ from flax import traverse_util
 
 from jaxlora.io import hf_checkpoint
 from jaxlora.io.hf_checkpoint import CheckpointError
-from jaxlora.lora import INIT_METHODS, LoraConfig, matches, pattern_value, linear_modules, lora_items, module_names
+from jaxlora.lora import (INIT_METHODS, LoraConfig, matches, pattern_value, linear_modules, lora_items, module_names,
+                          overlay, split_modules_to_save)
 from jaxlora.lora.weights import LoraWeights
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def _factors(w: LoraWeights) -> tuple[np.ndarray, np.ndarray]:
     """(a, b) relative to the original base: [a, a0] and [b, -b0] for a base-modifying init."""
     a, b, a0, b0 = (None if x is None else np.asarray(jax.device_get(hf_checkpoint._gather(x)))
                     for x in (w.a, w.b, w.a0, w.b0))
-    if w.modifies_base:
+    if w.relative_to_base:
         a, b = np.concatenate([a, a0.astype(a.dtype)], axis=-1), np.concatenate([b, -b0.astype(b.dtype)], axis=-2)
     return a, b
 
@@ -101,14 +102,14 @@ def _target_list(model, lora) -> list[str]:
 def _rank_alpha(model, lora, cfg: LoraConfig) -> dict:
     """r, lora_alpha, rank_pattern, alpha_pattern that give every exported module its rank and scale in PEFT."""
     items = lora_items(lora)
-    double = bool(items) and all(w.modifies_base for _, w in items)
+    double = bool(items) and all(w.relative_to_base for _, w in items)
     f_r, f_alpha = (2, math.sqrt(2.0) if cfg.use_rslora else 2.0) if double else (1, 1.0)
     r, alpha = cfg.r * f_r, cfg.lora_alpha * f_alpha
     ranks = {k: v * f_r for k, v in cfg.rank_pattern.items()}
     alphas = {k: v * f_alpha for k, v in cfg.alpha_pattern.items()}
     pinned_r, pinned_alpha = {}, {}
     for path, w in items:
-        rank = w.rank * (2 if w.modifies_base else 1)
+        rank = w.rank * (2 if w.relative_to_base else 1)
         key = re.escape(_short_name(model, path))
         for name in _hf_module_names(model, path):
             if pattern_value(ranks, name, r) != rank:
@@ -131,10 +132,22 @@ def _saved_module_names(model, modules_to_save) -> list[str] | None:
     return sorted(names)
 
 
+def peft_task_type(model) -> str:
+    """PEFT's TaskType for what the model is: SEQ_2_SEQ_LM for an encoder-decoder (T5), SEQ_CLS for a sequence
+    classifier (BERT), else CAUSAL_LM. (PEFT 0.21's SEQ_2_SEQ_LM wrapper, PeftModelForSeq2SeqLM, fails to build on
+    transformers 5: load such an adapter there with a config whose task_type is None, a plain PeftModel.)"""
+    if model.is_encoder_decoder:
+        return "SEQ_2_SEQ_LM"
+    if any(name.endswith("ForSequenceClassification")
+           for name in (model.config.architecture, type(model.module).__name__)):
+        return "SEQ_CLS"
+    return "CAUSAL_LM"
+
+
 def peft_config_dict(model, lora, lora_config: LoraConfig, modules_to_save=None) -> dict:
     """adapter_config.json for PEFT's LoraConfig (explicit target list, ranks and scales pinned to the tree)."""
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": model.source,
+        "peft_type": "LORA", "task_type": peft_task_type(model), "base_model_name_or_path": model.source,
         **_rank_alpha(model, lora, lora_config), "lora_dropout": lora_config.lora_dropout,
         "target_modules": _target_list(model, lora), "use_rslora": lora_config.use_rslora, "bias": "none",
         "modules_to_save": _saved_module_names(model, modules_to_save), "init_lora_weights": True,
@@ -144,8 +157,8 @@ def peft_config_dict(model, lora, lora_config: LoraConfig, modules_to_save=None)
 
 def export_peft(model, lora, lora_config: LoraConfig, out_dir: str | os.PathLike, *, modules_to_save=None,
                 overwrite: bool = False) -> Path:
-    """Writes the adapter so `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out_dir)`
-    loads it, `base` being the ORIGINAL checkpoint even for a base-modifying init (LoRA-GA).
+    """Writes the adapter so `PeftModel.from_pretrained(AutoModelFor...(base), out_dir)` loads it (task_type:
+    `peft_task_type`), `base` being the ORIGINAL checkpoint even for a base-modifying init (LoRA-GA).
 
     Args:
       model: the `jaxlora.Model` the adapter was trained on.
@@ -153,11 +166,16 @@ def export_peft(model, lora, lora_config: LoraConfig, out_dir: str | os.PathLike
       lora_config: its config (r, alpha, rsLoRA, patterns, dropout); each module's rank and scale are taken from
         the tree and pinned in the patterns where the config would give PEFT another value.
       out_dir: the adapter folder, written to a temporary sibling and renamed: never half-written.
-      modules_to_save: the fully trained modules' params (a sub-tree of the model's params), e.g. lm_head.
+      modules_to_save: the fully trained modules' params (a sub-tree of the model's params), e.g. lm_head. A
+        sequence classifier (task_type SEQ_CLS) always gets its head written too (from model.params unless given
+        here): PEFT's PeftModelForSequenceClassification treats the head as a saved module and needs its weights.
       overwrite: replace a non-empty out_dir.
     Returns:
       out_dir. With several processes all gather each tensor and process 0 writes.
     """
+    if peft_task_type(model) == "SEQ_CLS":  # PEFT's SEQ_CLS wrapper always trains, saves and loads the head
+        modules_to_save = overlay(split_modules_to_save(model.params, [model.names.output_module]),
+                                  modules_to_save or {})
     tensors = peft_tensors(model, lora, modules_to_save)
     config = peft_config_dict(model, lora, lora_config, modules_to_save)
     if jax.process_index() != 0:

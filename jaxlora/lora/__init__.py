@@ -18,10 +18,11 @@ from jaxlora.lora.config import (DIRECTIONS, INIT_METHODS, METHODS, SCALES, Lora
 from jaxlora.lora.targets import (Target, build_lora_tree, linear_modules, lora_axes, matches, module_names,
                                   pattern_value, resolve_targets)
 from jaxlora.lora.tree import (init_factors, init_lora, lora_items, merge, num_lora_params, overlay,
-                               split_modules_to_save, unmerge)
+                               split_modules_to_save, split_offsets, unmerge, with_offsets)
 from jaxlora.lora.weights import LoraWeights, is_lora_leaf, low_rank_matmul
 
 __all__ = ["DIRECTIONS", "INIT_METHODS", "METHODS", "SCALES", "LoraConfig", "LoraConfigError", "LoraGAConfig",
            "LoraGAError", "LoraWeights", "Target", "build_lora_tree", "init_factors", "init_lora", "is_lora_leaf",
            "linear_modules", "lora_axes", "lora_items", "low_rank_matmul", "matches", "merge", "module_names",
-           "num_lora_params", "overlay", "pattern_value", "resolve_targets", "split_modules_to_save", "unmerge"]
+           "num_lora_params", "overlay", "pattern_value", "resolve_targets", "split_modules_to_save", "split_offsets", "unmerge",
+           "with_offsets"]

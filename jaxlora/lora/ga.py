@@ -3,7 +3,8 @@
     1. estimate   G_K = mean over batches of dL/dK for every targeted kernel K (in, out)   (float32)
     2. factorize  G_K ~ U_K S V_K^T, top 2r triplets               ("exact" | "randomized" | "streaming")
     3. initialize a0 = U_K[:, A-slice] * c   (in, r)      b0 = V_K[:, B-slice]^T * c   (r, out)
-    4. residual   K <- K - s * a0 @ b0  (float32, cast back), so the model is unchanged at step 0
+    4. adapter    LoraWeights(a = a0, b = b0, frozen a0, b0): the update s*x@(a@b - a0@b0) is exactly zero at step
+                  0, so the model is unchanged; the base K stays the loaded one (never rewritten)
 
 With direction ArB2r and the stable scale c = out^(1/4) / sqrt(gamma), the first SGD step of LoRA moves the effective
 weight by -lr s^2 (a a^T G_K + G_K b^T b), proportional to the best rank-2r approximation of the full fine-tuning
@@ -40,6 +41,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxlora import lora as lora_lib, sharding
+from jaxlora.losses import IGNORE_INDEX
 from jaxlora.training import step as step_lib
 from jaxlora.lora import LoraGAConfig, LoraGAError
 from jaxlora.lora.weights import LoraWeights
@@ -131,9 +133,9 @@ def pack_batches(batches: list[dict], divisor: int) -> tuple[list[dict], int]:
     packed = []
     for start in range(0, len(batches), k):
         chunk = batches[start:start + k]
-        chunk = chunk + [{**chunk[0], "labels": np.full_like(chunk[0]["labels"], step_lib.IGNORE_INDEX)}] \
+        chunk = chunk + [{**chunk[0], "labels": np.full_like(chunk[0]["labels"], IGNORE_INDEX)}] \
             * (k - len(chunk))
-        fill = {"input_ids": 0, "attention_mask": 0, "labels": step_lib.IGNORE_INDEX}
+        fill = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
 
         def right_pad(key):  # (rows, T) arrays to the longest of the chunk (a seq2seq model's labels have their own
             arrays = [np.asarray(b[key]) for b in chunk]  # length); (rows,) labels (a classifier's) as they are
@@ -371,11 +373,11 @@ def init_factors(u, s, vt, weight, ga: LoraGAConfig, r: int, scale_s: float, idx
 
 
 def _build_init(model, params, targets, triplets, ga: LoraGAConfig, dropout: float):
-    """The LoRA tree (a = a0, b = b0, a0, b0 kept) and the residual params K - s * a0 @ b0."""
+    """The LoRA tree: a = a0, b = b0 from each target's triplets, with a0/b0 kept (frozen) as the offsets."""
     flat = traverse_util.flatten_dict(params)
     rng = np.random.default_rng(ga.seed)
     dtype = jnp.dtype(ga.factors_dtype)
-    lora_flat, new_flat = {}, dict(flat)
+    lora_flat = {}
     for t in targets:
         kernel = flat[t.path + ("kernel",)]
         u, s, vt = triplets[t.path]
@@ -391,20 +393,19 @@ def _build_init(model, params, targets, triplets, ga: LoraGAConfig, dropout: flo
             a0, b0 = jax.jit(one)(u, s, vt, kernel, ia[0], ib[0])
         if ga.singular_values_in_b:  # PEFT: factors in the base dtype before the offset, adapters upcast later
             a0, b0 = a0.astype(kernel.dtype), b0.astype(kernel.dtype)
-        a0, b0 = a0.astype(dtype), b0.astype(dtype)
-        offset = jnp.matmul(a0.astype(jnp.float32), b0.astype(jnp.float32)) * t.scale
-        new_flat[t.path + ("kernel",)] = (kernel.astype(jnp.float32) - offset).astype(kernel.dtype)
-        lora_flat[t.path] = LoraWeights(a=a0, b=b0, a0=a0, b0=b0, scale=t.scale, dropout=dropout)
-    lora = traverse_util.unflatten_dict(lora_flat)
-    residual = traverse_util.unflatten_dict(new_flat)
-    return _place(model, targets, lora, dropout), jax.device_put(residual, model.param_shardings)
+        lora_flat[t.path] = LoraWeights(a=a0.astype(dtype), b=b0.astype(dtype), scale=t.scale, dropout=dropout)
+    return _place(model, targets, traverse_util.unflatten_dict(lora_flat), dropout)
 
 
 def _place(model, targets, lora, dropout):
+    """`lora` (a = a0, b = b0) in the LoRA shardings, with a0/b0 set to copies of a/b in the same shardings (distinct
+    buffers: a train state donates a and b but keeps a0 and b0)."""
     sh = model.lora_shardings(targets, lora_lib.LoraConfig(lora_dropout=dropout))
-    sh = jax.tree.map(lambda w: dataclasses.replace(w, a0=w.a, b0=w.b), sh,
-                      is_leaf=lambda x: isinstance(x, LoraWeights))
-    return jax.device_put(lora, sh)
+    placed = jax.device_put(jax.tree.map(lambda w: w.replace(a0=None, b0=None), lora,
+                                         is_leaf=lambda x: isinstance(x, LoraWeights)), sh)
+    copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=sh)
+    return jax.tree.map(lambda w, c: w.replace(a0=c.a, b0=c.b), placed, copy(placed),
+                        is_leaf=lambda x: isinstance(x, LoraWeights))
 
 
 def lora_ga_template(model, lora_config) -> dict:
@@ -416,33 +417,27 @@ def lora_ga_template(model, lora_config) -> dict:
     def make(t):
         *lead, d_in, d_out = flat[t.path + ("kernel",)].shape
         a, b = jnp.zeros((*lead, d_in, t.rank), dtype), jnp.zeros((*lead, t.rank, d_out), dtype)
-        return LoraWeights(a=a, b=b, a0=a, b0=b, scale=t.scale, dropout=lora_config.lora_dropout)
+        return LoraWeights(a=a, b=b, scale=t.scale, dropout=lora_config.lora_dropout)
     return _place(model, targets, lora_lib.build_lora_tree(targets, make), lora_config.lora_dropout)
-
-
-def residual_params(params, lora) -> dict:
-    """W0 - s * a0 @ b0 for every base-modifying target (used on resume: the checkpoint holds a0, b0)."""
-    base_mod = traverse_util.unflatten_dict({p: LoraWeights(w.a0, w.b0, scale=w.scale)
-                                             for p, w in lora_lib.lora_items(lora) if w.a0 is not None})
-    return lora_lib.unmerge(params, base_mod) if base_mod else params
 
 
 # ---------------------------------------------------------------------------------------------- entry point
 
 
 def lora_ga_init(model, lora_config, batches: Iterable[Mapping[str, Any]], *, params=None,
-                 progress: bool = True) -> tuple[dict, dict]:
-    """LoRA-GA: estimate gradients on `batches`, factorize, initialize adapters and the residual base.
+                 progress: bool = True) -> dict:
+    """LoRA-GA: estimate gradients on `batches`, factorize, initialize the adapters.
 
     Args:
       model: a `jaxlora.Model`.
       lora_config: a LoraConfig with init_lora_weights="lora_ga" and lora_ga_config=LoraGAConfig(...).
       batches: dicts of input_ids, attention_mask, labels (-100 where ignored), numpy (B, T); this process's rows.
         The first `lora_ga_config.num_batches` are used.
-      params: the base params (default model.params).
+      params: the base params to estimate the gradient at (default model.params). They are never modified.
     Returns:
-      (lora, params): the LoRA tree (a, b initialized, with a0/b0 kept for export against the original base) and the
-      residual base W - s * a0 @ b0. The model's output with both equals the original model's.
+      The LoRA tree: a = a0, b = b0 initialized from the gradient's top singular vectors, and a0/b0 kept frozen. The
+      model applies the update relative to the base, s*x@(a@b - a0@b0), so with this tree it equals the base model
+      exactly at step 0, and several LoRA-GA adapters share one base.
     """
     if lora_config.init_lora_weights != "lora_ga":
         raise LoraGAError("lora_ga_init needs a LoraConfig with init_lora_weights='lora_ga'")
@@ -459,8 +454,7 @@ def lora_ga_init(model, lora_config, batches: Iterable[Mapping[str, Any]], *, pa
     cache = _Cache(ga.cache_dir, model, lora_config, ga, batches, params) if ga.cache_dir else None
     if cache is not None and (lora := cache.load_init(targets, lora_config.lora_dropout)) is not None:
         log.info("LoRA-GA: init loaded from cache %s", cache.folder)
-        lora = _place(model, targets, lora, lora_config.lora_dropout)
-        return lora, residual_params(params, lora)
+        return _place(model, targets, lora, lora_config.lora_dropout)
 
     t0 = time.perf_counter()
     if ga.svd_method == "streaming":
@@ -488,12 +482,12 @@ def lora_ga_init(model, lora_config, batches: Iterable[Mapping[str, Any]], *, pa
         if cache is not None:
             cache.save_stats(grads)
         del grads
-    lora, residual = _build_init(model, params, targets, triplets, ga, lora_config.lora_dropout)
+    lora = _build_init(model, params, targets, triplets, ga, lora_config.lora_dropout)
     log.info("LoRA-GA (%s): estimation %.1fs, factorization %.1fs, %d batches x %d, %d targets",
              ga.svd_method, t_est, t_fact, len(batches), batches[0]["input_ids"].shape[0], len(targets))
     if cache is not None:
         cache.save_init(lora)
-    return lora, residual
+    return lora
 
 
 def _progress(items, desc: str, enabled: bool):
@@ -538,7 +532,7 @@ class _Cache:
         for t in targets:
             key = "/".join(t.path)
             a0, b0 = jnp.asarray(arrays[key + "/a0"]), jnp.asarray(arrays[key + "/b0"])
-            tree[t.path] = LoraWeights(a=a0, b=b0, a0=a0, b0=b0, scale=t.scale, dropout=dropout)
+            tree[t.path] = LoraWeights(a=a0, b=b0, scale=t.scale, dropout=dropout)
         return traverse_util.unflatten_dict(tree)
 
     def save_init(self, lora):

@@ -54,7 +54,7 @@ def init_lora(model, lora_config: LoraConfig, rng: jax.Array) -> dict:
       rng: PRNG key.
     Returns:
       The LoRA tree: `LoraWeights` leaves at the targeted module paths. For init_lora_weights="lora_ga" use
-      `jaxlora.lora_ga_init`, which also returns the residual base.
+      `jaxlora.lora_ga_init(model, lora_config, batches)`.
     """
     if lora_config.init_lora_weights == "lora_ga":
         raise LoraConfigError("init_lora_weights='lora_ga' needs gradients: call jaxlora.lora_ga_init(model, "
@@ -85,7 +85,10 @@ def _fold(params, lora, sign: float):
     flat = traverse_util.flatten_dict(params)
     for path, w in lora_items(lora):
         kernel = flat[path + ("kernel",)]
-        delta = jnp.matmul(w.a.astype(jnp.float32), w.b.astype(jnp.float32)) * (sign * w.scale)
+        delta = jnp.matmul(w.a.astype(jnp.float32), w.b.astype(jnp.float32))
+        if w.a0 is not None:  # an init relative to the base (LoRA-GA): the update is s*(a@b - a0@b0)
+            delta = delta - jnp.matmul(w.a0.astype(jnp.float32), w.b0.astype(jnp.float32))
+        delta = delta * (sign * w.scale)
         flat[path + ("kernel",)] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
     return traverse_util.unflatten_dict(flat)
 
@@ -94,7 +97,8 @@ _fold_jit = jax.jit(_fold, static_argnums=2)
 
 
 def merge(params, lora, lora_config: LoraConfig | None = None):
-    """W + s * a @ b for every adapted kernel (computed in float32, cast back to the base dtype).
+    """W + s * a @ b for every adapted kernel (computed in float32, cast back to the base dtype); W + s*(a@b - a0@b0)
+    for an adapter whose init is relative to the base (LoRA-GA).
 
     The scale comes from each LoraWeights leaf; `lora_config` is accepted for symmetry with PEFT and unused.
     """
@@ -132,4 +136,24 @@ def overlay(params, replacement: Mapping) -> dict:
         return params
     flat = traverse_util.flatten_dict(params)
     flat.update(traverse_util.flatten_dict(replacement))
+    return traverse_util.unflatten_dict(flat)
+
+
+def split_offsets(lora) -> tuple[dict, dict]:
+    """(the trainable LoRA tree: a, b only; the frozen offsets: {path: LoraWeights(a=a0, b=b0)} of the targets whose
+    init is relative to the base (LoRA-GA), empty otherwise). `with_offsets` joins them again."""
+    trainable, offsets = {}, {}
+    for path, w in lora_items(lora):
+        trainable[path] = w.replace(a0=None, b0=None)
+        if w.a0 is not None:
+            offsets[path] = LoraWeights(w.a0, w.b0, scale=w.scale, dropout=w.dropout)
+    return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(offsets)
+
+
+def with_offsets(lora, offsets) -> dict:
+    """The LoRA tree with each target's frozen offsets (a0, b0) set from `offsets` (see `split_offsets`)."""
+    if not offsets:
+        return lora
+    frozen = dict(lora_items(offsets))
+    flat = {p: (w.replace(a0=frozen[p].a, b0=frozen[p].b) if p in frozen else w) for p, w in lora_items(lora)}
     return traverse_util.unflatten_dict(flat)

@@ -9,10 +9,12 @@ Only `a` and `b` are pytree leaves (trained, checkpointed, given optimizer state
 alpha/sqrt(r)) and `dropout` are static, so every model call knows how to apply the adapter with no config at hand
 and a jit recompiles if they change.
 
-`a0`/`b0` are set only by base-modifying inits (LoRA-GA): the initial factors, whose product s*a0@b0 was subtracted
-from the frozen kernel. They stay frozen (the optimizer routes them to `set_to_zero`; the forward reads them only
-in training mode with dropout, which then acts on the update s*(a@b - a0@b0) alone) and let an adapter be exported
-relative to the ORIGINAL base: a' = [a, a0], b' = [b, -b0].
+`a0`/`b0` are set only by inits relative to the base (LoRA-GA): the initial factors, frozen. The frozen kernel
+stays the loaded W0 and the branch computes the update relative to it, s*x@(a@b - a0@b0), which is exactly zero at
+step 0 (a = a0, b = b0). So several such adapters share one base, the model at step 0 is the base in any dtype,
+dropout needs no special case, and resume, merge and export need no residual. In a train state they sit outside the
+trainable tree (`TrainState.frozen`, no gradient, no optimizer state; `jaxlora.lora.split_offsets`), and the adapter
+exports to PEFT on the original weights as a' = [a, a0], b' = [b, -b0].
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from flax import struct
 class LoraWeights:
     a: Any  # (..., in, r)
     b: Any  # (..., r, out)
-    a0: Any = None  # (..., in, r) initial a of a base-modifying init, frozen; None otherwise
+    a0: Any = None  # (..., in, r) initial a of an init relative to the base (LoRA-GA), frozen; None otherwise
     b0: Any = None  # (..., r, out) initial b, frozen
     scale: float = struct.field(pytree_node=False, default=1.0)
     dropout: float = struct.field(pytree_node=False, default=0.0)
@@ -37,9 +39,10 @@ class LoraWeights:
         return self.a.shape[-1]
 
     @property
-    def modifies_base(self) -> bool:
-        """True when the frozen kernel holds W0 - s*a0@b0 instead of W0."""
+    def relative_to_base(self) -> bool:
+        """True when the update is s*(a@b - a0@b0): an init relative to the base (LoRA-GA)."""
         return self.a0 is not None
+
 
 
 def is_lora_leaf(x) -> bool:

@@ -1,7 +1,8 @@
 """BERT-style encoders in Flax linen with a sequence-classification head (BertModel, BertForSequenceClassification).
 
-Same conventions as `jaxlora.models.llama`: parameters mirror HF module names with the layer index folded into a
-leading stacked axis (HF's `encoder.layer`, run under `nn.scan`), so PEFT's module names and targets work unchanged:
+Same conventions as every family (`jaxlora.models.common`): parameters mirror HF module names with the layer index
+folded into a leading stacked axis (HF's `encoder.layer`, run under `nn.scan`), so PEFT's module names and targets
+work unchanged:
 
     HF:   bert.encoder.layer.3.attention.self.query.weight  (out, in)
     ours: params["bert"]["encoder"]["layer"]["attention"]["self"]["query"]["kernel"][3]  (in, out)
@@ -26,9 +27,8 @@ import numpy as np
 
 from jaxlora.io.hf_checkpoint import NameRule, NameTable
 from jaxlora.losses import IGNORE_INDEX, masked_cross_entropy_sums
-from jaxlora.models.bloom import hf_field, layer_norm, supported_architecture
-from jaxlora.models.gpt2 import ACTIVATIONS
-from jaxlora.models.llama import LayerPart, LayerStack, LoraDense, ModelRoot, scanned_layers
+from jaxlora.models.common import (ACTIVATIONS, Family, LayerPart, LayerStack, LoraDense, ModelRoot, hf_field,
+                                   layer_norm, scanned_layers, supported_architecture)
 
 SUPPORTED_ARCHITECTURES = ("BertModel", "BertForSequenceClassification")  # the first: config.json without one
 
@@ -288,3 +288,9 @@ def check_labels(labels, num_labels: int) -> None:
         raise ValueError(f"labels range over [{labels.min()}, {labels.max()}] ({len(np.unique(labels))} classes) but "
                          f"the classifier head has num_labels={num_labels}; load the model with "
                          f"num_labels={int(labels.max()) + 1} (or fix the labels)")
+
+
+# A bare BertModel gets a fresh classifier head; a config.json without "architectures" is a BertModel.
+FAMILY = Family(name="bert", config_cls=BertConfig, module_cls=BertForSequenceClassification, names=NAMES,
+                architectures=SUPPORTED_ARCHITECTURES, model_types=("bert",), default_targets=("query", "value"),
+                objective=loss_sums)

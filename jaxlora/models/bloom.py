@@ -1,8 +1,9 @@
 """The BLOOM family in Flax linen (bigscience/bloom*, bloomz*): ALiBi, fused query_key_value, LayerNorm with bias.
 
-Same conventions as `jaxlora.models.llama`: HF module names, layers stacked on a leading axis and run under
-`nn.scan` (the stack is HF's `h`, so LoRA module names are PEFT's `transformer.h.3.self_attention.query_key_value`),
-logical axis names on every parameter, and the LoRA tree passed in as an argument to each `LoraDense`.
+Same conventions as every family (`jaxlora.models.common`): HF module names, layers stacked on a leading axis and
+run under `nn.scan` (the stack is HF's `h`, so LoRA module names are PEFT's
+`transformer.h.3.self_attention.query_key_value`), logical axis names on every parameter, and the LoRA tree passed in
+as an argument to each `LoraDense`.
 
     HF:   transformer.h.7.self_attention.query_key_value.weight  (3*D, D), rows per head interleaved [q, k, v]
     ours: params["transformer"]["h"]["self_attention"]["query_key_value"]["kernel"][7]  (D, 3*D), same column order
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -31,7 +31,8 @@ import numpy as np
 
 from jaxlora import sharding
 from jaxlora.io.hf_checkpoint import NameRule, NameTable
-from jaxlora.models.llama import LayerPart, LayerStack, LoraDense, ModelRoot, causal_padding_mask, scanned_layers
+from jaxlora.models.common import (BiasedMLP, Family, LayerPart, LayerStack, LoraDense, ModelRoot, causal_padding_mask,
+                                   hf_field, layer_norm, scanned_layers, supported_architecture)
 
 SUPPORTED_ARCHITECTURES = ("BloomForCausalLM",)
 
@@ -96,22 +97,6 @@ class BloomConfig:
         return self.num_hidden_layers * per_layer + self.vocab_size * d + 4 * d + head
 
 
-def supported_architecture(hf: dict, supported: tuple[str, ...], where: str) -> str:
-    """config.json's architecture (the family's first when absent), or ValueError listing the supported ones."""
-    arch = (hf.get("architectures") or [supported[0]])[0]
-    if arch not in supported:
-        raise ValueError(f"{where}: unsupported architecture {arch!r}; supported: {', '.join(supported)}")
-    return arch
-
-
-def hf_field(hf: dict, keys: tuple[str, ...], where: str):
-    """The value of the first of `keys` present in config.json (HF configs spell some fields two ways)."""
-    for key in keys:
-        if hf.get(key) is not None:
-            return hf[key]
-    raise ValueError(f"{where}: missing {' or '.join(keys)}")
-
-
 def alibi_slopes(num_heads: int) -> np.ndarray:
     """HF's `_get_alibi_slopes`: geometric slopes for the closest power of 2, then every other slope of the next
     power of 2 for the remaining heads (float32)."""
@@ -137,13 +122,6 @@ def bloom_gelu(x: jax.Array) -> jax.Array:
     return x * 0.5 * (1.0 + jnp.tanh(0.79788456 * x * (1.0 + 0.044715 * x * x)))
 
 
-def layer_norm(eps: float, dtype, param_dtype, name: str) -> nn.LayerNorm:
-    """LayerNorm with scale and bias, float32 statistics (two-pass variance, like torch), logical axes 'norm'."""
-    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
-                        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), name=name)
-
-
 class Attention(LayerPart):
     @nn.compact
     def __call__(self, x_BxTxD, bias_BxNx1xT, mask_Bx1xTxT, lora):
@@ -161,21 +139,6 @@ class Attention(LayerPart):
         out = jax.nn.dot_product_attention(q, k, v, bias=bias_BxNx1xT, mask=mask_Bx1xTxT,
                                            implementation=self.attention_impl)
         return proj(d, ("heads", "embed"), "dense", out.reshape(b, t, d))
-
-
-class BiasedMLP(LayerPart):
-    """down(activation(up(x))) with biases, the MLP of BLOOM and GPT-2 (HF module names in `names`: (up, down))."""
-
-    names: tuple[str, str] = ("", "")
-    activation: Any = None
-
-    @nn.compact
-    def __call__(self, x_BxTxD, lora):
-        c, lora = self.cfg, lora or {}
-        dense = lambda f, axes, name, x: LoraDense(f, axes, True, self.dtype, self.param_dtype,
-                                                   self.deterministic, name=name)(x, lora.get(name))
-        up = dense(c.intermediate_size, ("embed", "mlp"), self.names[0], x_BxTxD)
-        return dense(c.hidden_size, ("mlp", "embed"), self.names[1], self.activation(up))
 
 
 class BloomBlock(LayerPart):
@@ -240,3 +203,7 @@ class BloomForCausalLM(ModelRoot):
             return embed.attend(x_BxTxD)
         return LoraDense(self.cfg.vocab_size, ("embed", "vocab"), False, self.dtype, self.param_dtype,
                          deterministic, name="lm_head")(x_BxTxD, lora.get("lm_head"))
+
+
+FAMILY = Family(name="bloom", config_cls=BloomConfig, module_cls=BloomForCausalLM, names=NAMES,
+                architectures=SUPPORTED_ARCHITECTURES, model_types=("bloom",), default_targets=("query_key_value",))

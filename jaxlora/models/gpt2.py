@@ -1,8 +1,8 @@
 """The GPT-2 family in Flax linen (openai-community/gpt2*, distilgpt2 and other GPT2LMHeadModel checkpoints).
 
-Same conventions as `jaxlora.models.llama`; the scanned stack is HF's `h`, so LoRA module names are PEFT's
-(`transformer.h.3.attn.c_attn`). HF's GPT-2 uses Conv1D, whose weight is already (in, out): the name table maps it
-without a transpose, and the fused c_attn keeps HF's column order [q | k | v] (each D wide, heads inside):
+Same conventions as every family (`jaxlora.models.common`); the scanned stack is HF's `h`, so LoRA module names are
+PEFT's (`transformer.h.3.attn.c_attn`). HF's GPT-2 uses Conv1D, whose weight is already (in, out): the name table
+maps it without a transpose, and the fused c_attn keeps HF's column order [q | k | v] (each D wide, heads inside):
 
     HF:   transformer.h.7.attn.c_attn.weight  (D, 3*D)  Conv1D
     ours: params["transformer"]["h"]["attn"]["c_attn"]["kernel"][7]  (D, 3*D)  same tensor
@@ -22,8 +22,8 @@ import jax.numpy as jnp
 
 from jaxlora import sharding
 from jaxlora.io.hf_checkpoint import NameRule, NameTable
-from jaxlora.models.bloom import BiasedMLP, hf_field, layer_norm, supported_architecture
-from jaxlora.models.llama import LayerPart, LayerStack, LoraDense, ModelRoot, causal_padding_mask, scanned_layers
+from jaxlora.models.common import (ACTIVATIONS, BiasedMLP, Family, LayerPart, LayerStack, LoraDense, ModelRoot,
+                                   causal_padding_mask, hf_field, layer_norm, scanned_layers, supported_architecture)
 
 SUPPORTED_ARCHITECTURES = ("GPT2LMHeadModel",)
 
@@ -38,19 +38,6 @@ NAMES = NameTable(rules=(
     NameRule(r"lm_head/kernel", "lm_head.weight", transpose=True),  # nn.Linear, only when untied
 ), ignore=(r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias",),  # causal-mask buffers of older checkpoints
     stack_name="h", base_prefix="transformer.")
-
-# HF ACT2FN names -> jax. The tanh forms (gelu_new, gelu_fast, gelu_pytorch_tanh) are one formula written three ways.
-ACTIVATIONS = {
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class GPT2Config:
@@ -190,3 +177,7 @@ class GPT2LMHeadModel(ModelRoot):
             return wte.attend(x_BxTxD)
         return LoraDense(self.cfg.vocab_size, ("embed", "vocab"), False, self.dtype, self.param_dtype,
                          deterministic, name="lm_head")(x_BxTxD, lora.get("lm_head"))
+
+
+FAMILY = Family(name="gpt2", config_cls=GPT2Config, module_cls=GPT2LMHeadModel, names=NAMES,
+                architectures=SUPPORTED_ARCHITECTURES, model_types=("gpt2",), default_targets=("c_attn",))

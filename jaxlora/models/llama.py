@@ -11,9 +11,10 @@ decoder layers run under `nn.scan` and compile time does not grow with depth:
 
 Every parameter carries logical axis names (`nn.with_logical_partitioning`); `jaxlora.sharding` maps them to
 mesh axes. LoRA is not a variable of this module: the LoRA tree is an *argument* of `__call__`, threaded down to
-each `LoraDense` (and sliced per layer by the scan), so adapters are differentiated as plain function inputs and the
-frozen kernel never receives a weight gradient. The forward adds `s * dropout(x) @ a @ b` and never forms
-`W + s*a@b` (for LoRA-GA, whose kernel holds W - s*a0@b0, dropout acts on the update only: `LoraDense._lora_branch`).
+each `LoraDense` (`jaxlora.models.common`; sliced per layer by the scan), so adapters are differentiated as plain
+function inputs and the frozen kernel never receives a weight gradient. The forward adds `s * dropout(x) @ a @ b`
+and never forms `W + s*a@b`; for LoRA-GA the kernel stays the loaded W0 and the branch computes
+`x @ (a@b - a0@b0)` (zero at step 0), with dropout on that whole update (`LoraDense._lora_branch`).
 
 Generation passes a KV cache (`init_cache`: (layers, B, S, kv_heads, head_dim) keys and values, scanned with the
 layers): the new tokens' keys/values are written at slot `cache_index` and attention runs over all S slots under a
@@ -32,10 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import sharding
-from jaxlora.lora.weights import LoraWeights, low_rank_matmul
+from jaxlora.io.hf_checkpoint import NameRule, NameTable
+from jaxlora.models.common import (Family, LayerPart, LayerStack, LoraDense, ModelRoot, RMSNorm, causal_padding_mask,
+                                   scanned_layers, supported_architecture)
 
-REMAT_POLICIES = ("none", "full", "save_matmuls")
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# A config.json without "architectures" names its variant by model_type.
+ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                              "qwen2": "Qwen2ForCausalLM"}
 _ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -65,12 +70,7 @@ class LlamaConfig:
     @classmethod
     def from_hf_dict(cls, hf: dict, where: str = "config.json") -> "LlamaConfig":
         """Builds the config from a parsed HF config.json, for any supported Llama-family architecture."""
-        archs = hf.get("architectures") or []
-        arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                                       "qwen2": "Qwen2ForCausalLM"}.get(hf.get("model_type", ""), "")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"{where}: unsupported architecture {arch or hf.get('model_type')!r}; "
-                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        arch = supported_architecture(hf, SUPPORTED_ARCHITECTURES, where, ARCHITECTURE_OF_MODEL_TYPE)
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
@@ -146,73 +146,6 @@ def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array)
     return (x_BxTxNxH * cos + rotated * sin).astype(x_BxTxNxH.dtype)
 
 
-class RMSNorm(nn.Module):
-    eps: float
-    dtype: Any
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self, x):
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                           (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        # HF casts back to the input dtype before multiplying by the weight.
-        return scale.astype(self.dtype)[None, None, :] * normed.astype(self.dtype)
-
-
-class LoraDense(nn.Module):
-    """A frozen-able dense layer (kernel (in, out)) with an optional LoRA branch passed in as an argument."""
-
-    features: int
-    kernel_axes: tuple[str, str]
-    use_bias: bool
-    dtype: Any
-    param_dtype: Any
-    deterministic: bool = True
-
-    @nn.compact
-    def __call__(self, x, lora: LoraWeights | None = None):
-        x = sharding.constrain(x, sharding.activation_axes(x.ndim, self.kernel_axes[0]))
-        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.kernel_axes),
-                            (x.shape[-1], self.features), self.param_dtype)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
-        if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[1:]),
-                              (self.features,), self.param_dtype)
-            y = y + bias.astype(self.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
-        if lora is not None:
-            y = y + (lora.scale * self._lora_branch(x, lora)).astype(y.dtype)
-        return sharding.constrain(y, sharding.activation_axes(y.ndim, self.kernel_axes[1]))
-
-    def _lora_branch(self, x, lora: LoraWeights):
-        """x @ a @ b with LoRA dropout on the input; for an init relative to the base (LoRA-GA), the update
-        x @ (a @ b - a0 @ b0), so the frozen kernel stays the loaded W0.
-
-        a0/b0 are frozen (no gradient, no optimizer state). At step 0 a = a0 and b = b0: both products are the same
-        computation on the same values, so the update is exactly zero and the model is exactly the base, in any
-        dtype. Dropout acts on the whole update, as PEFT's dropout does on the exported rank-2r adapter
-        (a' = [a, a0], b' = [b, -b0] on W0): no special case.
-        """
-        cast = lambda t: t.astype(self.dtype)
-        x_in = cast(nn.Dropout(rate=lora.dropout)(x, deterministic=self.deterministic))
-        branch = low_rank_matmul(x_in, cast(lora.a), cast(lora.b))
-        if lora.a0 is not None:
-            a0, b0 = jax.lax.stop_gradient((lora.a0, lora.b0))
-            branch = branch - low_rank_matmul(x_in, cast(a0), cast(b0))
-        return branch
-
-
-class LayerPart(nn.Module):
-    """Fields shared by the parts of a decoder layer."""
-
-    cfg: LlamaConfig
-    dtype: Any
-    param_dtype: Any
-    deterministic: bool
-    attention_impl: str | None = None
-
-
 class Attention(LayerPart):
     @nn.compact
     def __call__(self, x_BxTxD, cos, sin, mask_Bx1xTxT, lora, cache=None, cache_index=None):
@@ -266,35 +199,6 @@ class DecoderLayer(LayerPart):
         return h + mlp(norm("post_attention_layernorm")(h), lora.get("mlp")), cache
 
 
-def _remat_policy(name: str):
-    if name not in REMAT_POLICIES:
-        raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {name!r}")
-    return {"full": jax.checkpoint_policies.nothing_saveable,
-            "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}.get(name)
-
-
-def scanned_layers(layer_cls, remat: str, length: int, in_axes: tuple):
-    """`layer_cls` run over a stacked layer axis, as every family's stack is: rematerialized per `remat`, params
-    stacked on axis 0 (logical name "layers"), fresh param and dropout rngs per layer, `in_axes` for the arguments
-    after the carry (0: sliced per layer, nn.broadcast: shared)."""
-    if remat != "none":
-        layer_cls = nn.remat(layer_cls, policy=_remat_policy(remat), prevent_cse=False)
-    return nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                   in_axes=in_axes, length=length, metadata_params={nn.PARTITION_NAME: "layers"})
-
-
-class LayerStack(nn.Module):
-    """The fields of a module that owns a scanned layer stack (the families' `*Model`s): its family's config, the
-    compute and parameter dtypes, the remat policy, dropout off or on, and the attention implementation."""
-
-    cfg: Any
-    dtype: Any
-    param_dtype: Any
-    remat: str
-    deterministic: bool
-    attention_impl: str | None
-
-
 class LlamaModel(LayerStack):
     """Embeddings, the scanned decoder `layers` and the final norm: (hidden states, embedding, KV cache)."""
 
@@ -316,16 +220,6 @@ class LlamaModel(LayerStack):
         x, cache = layers(c, self.dtype, self.param_dtype, self.deterministic, self.attention_impl,
                           name="layers")(x, lora.get("layers"), cos, sin, mask, cache, cache_index)
         return RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x), embed, cache
-
-
-def causal_padding_mask(attention_mask_BxT: jax.Array, sliding_window: int | None) -> jax.Array:
-    """(B, 1, T, T) boolean: query i sees key j iff j <= i, j is not padding, and i - j < window."""
-    t = attention_mask_BxT.shape[1]
-    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
-    allowed_TxT = j <= i
-    if sliding_window is not None:
-        allowed_TxT &= (i - j) < sliding_window
-    return allowed_TxT[None, None] & attention_mask_BxT.astype(bool)[:, None, None, :]
 
 
 def cached_causal_mask(cache_mask_BxS: jax.Array, t: int, cache_index, sliding_window: int | None) -> jax.Array:
@@ -357,17 +251,6 @@ def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype) -> dict:
 CACHE_AXES = ("layers", "batch", "seq", "kv_heads", None)
 
 
-class ModelRoot(nn.Module):
-    """The fields every family's top module gets from `Model._build`: its config dataclass, the compute and
-    parameter dtypes, the remat policy and the attention implementation."""
-
-    cfg: Any
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    remat: str = "none"
-    attention_impl: str | None = None
-
-
 class LlamaForCausalLM(ModelRoot):
     """Causal LM head over `LlamaModel`; returns logits (B, T, vocab) in the compute dtype."""
 
@@ -394,3 +277,18 @@ class LlamaForCausalLM(ModelRoot):
             logits = LoraDense(self.cfg.vocab_size, ("embed", "vocab"), False, self.dtype, self.param_dtype,
                                deterministic, name="lm_head")(x_BxTxD, lora.get("lm_head"))
         return logits if cache is None else (logits, cache)
+
+
+LLAMA_NAMES = NameTable(rules=(
+    NameRule(r"model/embed_tokens/embedding", "model.embed_tokens.weight"),
+    NameRule(r"model/layers/(self_attn|mlp)/(\w+)/kernel", "model.layers.{layer}.{0}.{1}.weight", transpose=True),
+    NameRule(r"model/layers/(self_attn|mlp)/(\w+)/bias", "model.layers.{layer}.{0}.{1}.bias"),
+    NameRule(r"model/layers/(\w+)/scale", "model.layers.{layer}.{0}.weight"),
+    NameRule(r"model/norm/scale", "model.norm.weight"),
+    NameRule(r"lm_head/kernel", "lm_head.weight", transpose=True),
+), ignore=(r".*rotary_emb\.inv_freq",), base_prefix="model.")
+
+FAMILY = Family(
+    name="llama", config_cls=LlamaConfig, module_cls=LlamaForCausalLM, names=LLAMA_NAMES,
+    architectures=SUPPORTED_ARCHITECTURES, model_types=tuple(ARCHITECTURE_OF_MODEL_TYPE),
+    default_targets=("q_proj", "v_proj"), init_cache=init_cache, cache_axes=CACHE_AXES)

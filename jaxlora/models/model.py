@@ -5,12 +5,13 @@
 
 Loading follows eval_shape -> shardings -> per-tensor placement (see `hf_checkpoint`), so parameters land on the
 mesh directly. `save_pretrained` writes HF safetensors + config.json that transformers' AutoModelForCausalLM loads.
+Everything family-specific (module, name table, objective, extra inputs, KV cache, default LoRA targets) is read off
+the model's `family` record (`jaxlora.models.registry`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import os
@@ -26,35 +27,12 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxlora import lora as lora_lib, sharding
 from jaxlora.io import hf_checkpoint
-from jaxlora.io.hf_checkpoint import CheckpointError, NameRule, NameTable
-from jaxlora.models import bert, bloom, gpt2, llama, t5
+from jaxlora.io.hf_checkpoint import CheckpointError, NameTable
+from jaxlora.models.common import Family
+from jaxlora.models.registry import architecture_of, by_architecture, family_for  # noqa: F401 (architecture_of: public)
 
 log = logging.getLogger(__name__)
 
-LLAMA_NAMES = NameTable(rules=(
-    NameRule(r"model/embed_tokens/embedding", "model.embed_tokens.weight"),
-    NameRule(r"model/layers/(self_attn|mlp)/(\w+)/kernel", "model.layers.{layer}.{0}.{1}.weight", transpose=True),
-    NameRule(r"model/layers/(self_attn|mlp)/(\w+)/bias", "model.layers.{layer}.{0}.{1}.bias"),
-    NameRule(r"model/layers/(\w+)/scale", "model.layers.{layer}.{0}.weight"),
-    NameRule(r"model/norm/scale", "model.norm.weight"),
-    NameRule(r"lm_head/kernel", "lm_head.weight", transpose=True),
-), ignore=(r".*rotary_emb\.inv_freq",), base_prefix="model.")
-
-# HF architecture -> (config class, module class, name table). One line per family.
-FAMILIES = {arch: (llama.LlamaConfig, llama.LlamaForCausalLM, LLAMA_NAMES) for arch in llama.SUPPORTED_ARCHITECTURES}
-FAMILIES["BloomForCausalLM"] = (bloom.BloomConfig, bloom.BloomForCausalLM, bloom.NAMES)
-FAMILIES["GPT2LMHeadModel"] = (gpt2.GPT2Config, gpt2.GPT2LMHeadModel, gpt2.NAMES)
-FAMILIES.update({arch: (bert.BertConfig, bert.BertForSequenceClassification, bert.NAMES)
-                 for arch in bert.SUPPORTED_ARCHITECTURES})  # a bare BertModel gets a fresh classifier head
-FAMILIES["T5ForConditionalGeneration"] = (t5.T5Config, t5.T5ForConditionalGeneration, t5.NAMES)
-# A config.json without "architectures" names its causal LM by model_type.
-_ARCH_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                       "bloom": "BloomForCausalLM", "gpt2": "GPT2LMHeadModel", "bert": "BertModel",
-                       "t5": "T5ForConditionalGeneration"}
-# PEFT's per-architecture default when target_modules is None (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
-DEFAULT_TARGETS = {"llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
-                   "bloom": ("query_key_value",), "gpt2": ("c_attn",), "bert": ("query", "value"),
-                   "t5": ("q", "v")}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
 
@@ -64,12 +42,14 @@ def _dtype(x) -> Any:
 
 
 class Model:
-    """A causal LM or a classifier: `module` (Flax), `config`, frozen `params` (sharded over `mesh`), and how to
+    """A causal LM, a classifier or an encoder-decoder: `module` (Flax), `config`, frozen `params` (sharded over
+    `mesh`), its `family` record (`jaxlora.models.registry`; by default the one of config.architecture), and how to
     apply them."""
 
     def __init__(self, config, module: nn.Module, names: NameTable, mesh: Mesh, rules=sharding.DEFAULT_RULES,
-                 params=None, source: str | None = None, hf_config: dict | None = None):
+                 params=None, source: str | None = None, hf_config: dict | None = None, family: Family | None = None):
         self.config, self.module, self.names, self.mesh, self.rules = config, module, names, mesh, rules
+        self.family = family or by_architecture(config.architecture)
         self.params, self.source, self.hf_config = params, source, hf_config or {}
         boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
         self.param_axes = jax.tree.map(lambda b: b.names, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -94,11 +74,12 @@ class Model:
     @classmethod
     def _build(cls, hf_config: dict, dtype, param_dtype, mesh, where: str = "config.json", remat: str = "none",
                attention_impl: str | None = None, rules=sharding.DEFAULT_RULES) -> "Model":
-        config_cls, module_cls, names = FAMILIES[architecture_of(hf_config, where)]
-        config = config_cls.from_hf_dict(hf_config, where)
-        module = module_cls(config, dtype=_dtype(dtype), param_dtype=_dtype(param_dtype or dtype), remat=remat,
-                            attention_impl=attention_impl)
-        return cls(config, module, names, mesh or sharding.make_mesh(), rules, hf_config=hf_config)
+        family = family_for(hf_config, where)
+        config = family.config_cls.from_hf_dict(hf_config, where)
+        module = family.module_cls(config, dtype=_dtype(dtype), param_dtype=_dtype(param_dtype or dtype), remat=remat,
+                                   attention_impl=attention_impl)
+        return cls(config, module, family.names, mesh or sharding.make_mesh(), rules, hf_config=hf_config,
+                   family=family)
 
     def _fresh(self, paths: list[tuple[str, ...]], seed: int) -> dict:
         """Freshly initialized params at `paths` (flat {path: array}, in their shardings): what a checkpoint lacks."""
@@ -128,27 +109,21 @@ class Model:
     def loss_sums(self, params, batch: dict, lora=None, *, per_row: bool = False, deterministic: bool = True,
                   dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """The training loss of one batch as (sum over labelled targets, their count), float32; per batch row with
-        `per_row`. Training (`jaxlora.training.step`) and LoRA-GA's gradient estimation both call this, so a model with another
-        objective defines it once, as its family module's `loss_sums(logits, labels, per_row)`: a classifier (BERT)
-        sums cross entropy over rows of (B,) class ids; the default is next-token cross entropy where labels are not
-        -100. A family whose module takes more inputs than input_ids/attention_mask derives them from the batch with
-        `model_inputs(batch, config)` (T5: decoder inputs = labels shifted right)."""
-        from jaxlora.training.step import token_loss_sums
-        family = self._family()
-        objective = getattr(family, "loss_sums", token_loss_sums)
-        inputs = family.model_inputs(batch, self.config) if hasattr(family, "model_inputs") else {}
+        `per_row`. Training (`jaxlora.training.step`) and LoRA-GA's gradient estimation both call this. The loss is
+        the family's `objective(logits, labels, per_row)`: next-token cross entropy where labels are not -100 for a
+        causal LM, cross entropy over rows of (B,) class ids for a classifier (BERT). A family whose module takes
+        more inputs than input_ids/attention_mask derives them from the batch with its `model_inputs(batch, config)`
+        (T5: decoder inputs = labels shifted right)."""
+        family = self.family
+        inputs = family.model_inputs(batch, self.config) if family.model_inputs is not None else {}
         logits = self.apply(params, batch["input_ids"], batch["attention_mask"], lora=lora,
                             deterministic=deterministic, dropout_rng=dropout_rng, **inputs)
-        return objective(logits, batch["labels"], per_row=per_row)
-
-    def _family(self):
-        """The Python module of this model's family (jaxlora.models.<family>)."""
-        return importlib.import_module(type(self.module).__module__)
+        return family.objective(logits, batch["labels"], per_row=per_row)
 
     @property
     def is_encoder_decoder(self) -> bool:
         """True for an encoder-decoder (T5): its training data has the seq2seq layout (`DataConfig.seq2seq`)."""
-        return bool(getattr(self._family(), "ENCODER_DECODER", False))
+        return self.family.encoder_decoder
 
     def apply_cached(self, params, input_ids, cache_mask, positions, cache, cache_index, lora=None):
         """One prefill or decode step with a KV cache: (logits (B, T, vocab), updated cache).
@@ -162,15 +137,15 @@ class Model:
 
     def init_cache(self, batch: int, length: int):
         """A zeroed KV cache for `batch` rows of `length` slots, in the compute dtype, and its logical axes."""
-        family = self._family()
-        if not hasattr(family, "init_cache"):
+        family = self.family
+        if family.init_cache is None:
             raise NotImplementedError(f"{self.config.architecture}: generation with a KV cache is not implemented")
         cache = family.init_cache(self.config, batch, length, self.module.dtype)
-        return cache, jax.tree.map(lambda _: family.CACHE_AXES, cache)
+        return cache, jax.tree.map(lambda _: family.cache_axes, cache)
 
     def lora_targets(self, lora_config) -> list[lora_lib.Target]:
         return lora_lib.resolve_targets(self.abstract_params, lora_config, self.config.num_hidden_layers,
-                                        DEFAULT_TARGETS.get(self.config.model_type, ()), self.names.stack_name,
+                                        self.family.default_targets, self.names.stack_name,
                                         self.names.output_module)
 
     def lora_axes(self, targets):
@@ -232,16 +207,6 @@ class Model:
         return hf_checkpoint.atomic_folder(out_dir, write, overwrite)
 
 
-def architecture_of(hf_config: dict, where: str = "config.json") -> str:
-    """The HF architecture a config.json names, if jaxlora has it (else an error listing the supported ones)."""
-    archs = hf_config.get("architectures") or []
-    arch = archs[0] if archs else _ARCH_OF_MODEL_TYPE.get(hf_config.get("model_type", ""), "")
-    if arch not in FAMILIES:
-        raise ValueError(f"{where}: unsupported architecture {arch or hf_config.get('model_type')!r}; "
-                         f"supported: {', '.join(FAMILIES)}")
-    return arch
-
-
 def resolve_folder(path: str | os.PathLike) -> Path:
     """A local folder as is; otherwise a hub id, downloaded (config, safetensors, tokenizer) where the hub is up."""
     p = Path(path)
@@ -298,7 +263,7 @@ def from_pretrained(path: str | os.PathLike, dtype="float32", *, param_dtype=Non
 
 def _with_num_labels(hf_config: dict, num_labels: int, folder) -> dict:
     """config.json with the classifier's label count replaced (a checkpoint head of another size fails to load)."""
-    config_cls = FAMILIES[architecture_of(hf_config, str(folder / "config.json"))][0]
+    config_cls = family_for(hf_config, str(folder / "config.json")).config_cls
     if "num_labels" not in {f.name for f in dataclasses.fields(config_cls)}:
         raise ValueError(f"{folder}: num_labels={num_labels} is for classifiers; {config_cls.__name__} has no "
                          f"classifier head")

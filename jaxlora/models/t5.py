@@ -1,8 +1,8 @@
 """T5 encoder-decoders in Flax linen (T5ForConditionalGeneration): T5 v1.0 and T5 v1.1 / FLAN-T5.
 
-Same conventions as `jaxlora.models.llama`: parameters mirror HF module names with the block index folded into a
-leading stacked axis (HF's `encoder.block` / `decoder.block`, each run under `nn.scan`), so PEFT's T5 module names and
-targets (q, k, v, o, wi / wi_0 / wi_1, wo) work unchanged:
+Same conventions as every family (`jaxlora.models.common`): parameters mirror HF module names with the block index
+folded into a leading stacked axis (HF's `encoder.block` / `decoder.block`, each run under `nn.scan`), so PEFT's T5
+module names and targets (q, k, v, o, wi / wi_0 / wi_1, wo) work unchanged:
 
     HF:   decoder.block.3.layer.1.EncDecAttention.q.weight  (out, in)
     ours: params["decoder"]["block"]["layer"]["1"]["EncDecAttention"]["q"]["kernel"][3]  (in, out)
@@ -16,10 +16,10 @@ v1.0's `wo(act(wi x))` or the gated `wo(act(wi_0 x) * wi_1 x)` (config.feed_forw
 The lm_head is the shared embedding scaled by d_model**-0.5 when tied (v1.0), a separate unscaled `lm_head` when
 not (v1.1, FLAN).
 
-The objective (`model_inputs` + `loss_sums`, called by `Model.loss_sums`): the batch's input_ids / attention_mask
-feed the encoder, its labels (-100 ignored) are the decoder targets and the decoder inputs are the labels shifted
-right (decoder_start_token_id first, -100 -> pad), so loss = token cross entropy on the decoder logits with no further
-shift. HF's dropouts are not applied (deterministic, as HF at inference); LoRA dropout is.
+The objective (`model_inputs` + `loss_sums`, in the `FAMILY` record, called by `Model.loss_sums`): the batch's
+input_ids / attention_mask feed the encoder, its labels (-100 ignored) are the decoder targets and the decoder inputs
+are the labels shifted right (decoder_start_token_id first, -100 -> pad), so loss = token cross entropy on the decoder
+logits with no further shift. HF's dropouts are not applied (deterministic, as HF at inference); LoRA dropout is.
 """
 
 from __future__ import annotations
@@ -34,13 +34,11 @@ import numpy as np
 
 from jaxlora import sharding
 from jaxlora.io.hf_checkpoint import NameRule, NameTable
-from jaxlora.models.bloom import hf_field, supported_architecture
-from jaxlora.models.gpt2 import ACTIVATIONS
-from jaxlora.models.llama import LayerPart, LoraDense, ModelRoot, RMSNorm, scanned_layers
 from jaxlora.losses import IGNORE_INDEX, masked_cross_entropy_sums
+from jaxlora.models.common import (ACTIVATIONS, Family, LayerPart, LoraDense, ModelRoot, RMSNorm, hf_field,
+                                   scanned_layers, supported_architecture)
 
 SUPPORTED_ARCHITECTURES = ("T5ForConditionalGeneration",)
-ENCODER_DECODER = True  # training data is seq2seq: prompt -> encoder input_ids, response -> decoder labels
 
 _STACK = r"(encoder|decoder)/block/layer/(\d)"
 NAMES = NameTable(rules=(
@@ -333,3 +331,9 @@ def loss_sums(logits_BxLxV: jax.Array, labels_BxL: jax.Array, per_row: bool = Fa
     """Cross entropy of the decoder logits against labels at the same positions (no shift; -100 ignored): the sum and
     the count of labelled tokens (float32); with `per_row`, both per row (B,)."""
     return masked_cross_entropy_sums(logits_BxLxV, labels_BxL, per_row)
+
+
+# encoder_decoder: training data is seq2seq (prompt -> encoder input_ids, response -> decoder labels)
+FAMILY = Family(name="t5", config_cls=T5Config, module_cls=T5ForConditionalGeneration, names=NAMES,
+                architectures=SUPPORTED_ARCHITECTURES, model_types=("t5",), default_targets=("q", "v"),
+                objective=loss_sums, model_inputs=model_inputs, encoder_decoder=True)

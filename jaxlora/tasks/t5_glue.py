@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora.training.step import IGNORE_INDEX
+from jaxlora.losses import IGNORE_INDEX
 
 # task -> (input template over the dataset's fields, label words by class id), as in T5's GLUE preprocessing
 TASKS = {

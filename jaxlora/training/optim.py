@@ -6,7 +6,8 @@ it has no optimizer state by construction. Each leaf gets a label and `optax.mul
     lora a -> "lora_a": AdamW(lr)
     lora b -> "lora_b": AdamW(lr * loraplus_lr_ratio)        (LoRA+, arXiv 2402.12354; ratio 1 = plain LoRA)
     full   -> "full":   AdamW(modules_to_save_lr or lr)
-    a0, b0 -> "frozen": no update, no state               (LoRA-GA's initial factors, kept for export)
+
+LoRA-GA's initial factors a0/b0 are not in the trainable tree (`TrainState.frozen`), so they have no state at all.
 
 wrapped in global-norm gradient clipping. Schedules: linear warmup, then cosine, linear or constant.
 """
@@ -65,12 +66,12 @@ def make_schedule(cfg: OptimConfig, total_steps: int, peak: float) -> optax.Sche
 
 
 def param_labels(trainable) -> dict:
-    """'lora_a' / 'lora_b' / 'full' / 'frozen' (LoRA-GA's a0, b0) for every leaf of the trainable tree."""
+    """'lora_a' / 'lora_b' / 'full' for every leaf of the trainable tree."""
     def label(path, _):
         if path[0].key == "full":
             return "full"
         name = getattr(path[-1], "name", None)
-        return {"b": "lora_b", "a0": "frozen", "b0": "frozen"}.get(name, "lora_a")
+        return "lora_b" if name == "b" else "lora_a"
     return jax.tree_util.tree_map_with_path(label, trainable)
 
 
@@ -79,14 +80,14 @@ def make_optimizer(cfg: OptimConfig, total_steps: int,
     """The optimizer over the trainable tree, and the base learning-rate schedule (for logging).
 
     With `trainable`, only the groups its leaves use are built, so a run carries no state (nor checkpoint entries)
-    for groups it has no parameters in (e.g. "frozen" outside LoRA-GA, "full" without modules_to_save).
+    for groups it has no parameters in (e.g. "full" without modules_to_save).
     """
     def adamw(peak):
         return optax.adamw(make_schedule(cfg, total_steps, peak), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                            weight_decay=cfg.weight_decay)
     lr = cfg.learning_rate
     groups = {"lora_a": lambda: adamw(lr), "lora_b": lambda: adamw(lr * cfg.loraplus_lr_ratio),
-              "full": lambda: adamw(cfg.modules_to_save_lr or lr), "frozen": optax.set_to_zero}
+              "full": lambda: adamw(cfg.modules_to_save_lr or lr)}
     used = set(jax.tree.leaves(param_labels(trainable))) if trainable is not None else set(groups)
     groups = {name: make() for name, make in groups.items() if name in used}
     tx = optax.multi_transform(groups, param_labels)

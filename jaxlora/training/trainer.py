@@ -1,7 +1,8 @@
 """The training loop: `jaxlora.train(config)` and `jaxlora train --config ...`.
 
 Loads the base model straight into its shardings, tokenizes the data (cached; seq2seq for an encoder-decoder),
-builds the LoRA tree and the optimizer, then runs the jitted step (`jaxlora.training.step`) with a progress bar, JSONL metrics
+builds everything it trains with in one call (`jaxlora.training.build.build_training`: the LoRA tree, optimizer,
+shardings and the jitted step), then runs the step with a progress bar, JSONL metrics
 (optionally TensorBoard), periodic held-out evaluation (loss; accuracy too for data with `label_words`) and orbax
 checkpoints. Resuming from the latest checkpoint in output_dir is exact: the
 data order is a pure function of the step, and the RNG and optimizer state are restored.
@@ -22,18 +23,15 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
-from jaxlora.io import checkpoint as ckpt_lib
-from jaxlora.training import data as data_lib
-from jaxlora import lora as lora_lib
-from jaxlora import sharding
-from jaxlora.training import optim
-from jaxlora.training import step as step_lib
-from jaxlora.tasks import t5_glue
+from jaxlora import lora as lora_lib, sharding
 from jaxlora.config import RunConfig
-from jaxlora.training.metrics import MetricsLogger, measure_peak_flops, train_flops_per_token
+from jaxlora.io import checkpoint as ckpt_lib
 from jaxlora.models.model import Model, from_pretrained
+from jaxlora.tasks import t5_glue
+from jaxlora.training import data as data_lib, step as step_lib
+from jaxlora.training.build import build_training
+from jaxlora.training.metrics import MetricsLogger, measure_peak_flops, train_flops_per_token
 
 log = logging.getLogger("jaxlora")
 
@@ -109,28 +107,6 @@ def lora_ga_batches(config: RunConfig, data, tokenizer) -> list[dict]:
     return [loader.batch(i) for i in range(ga.num_batches)]
 
 
-def build_trainable(model: Model, config: RunConfig, rng, *, template_only: bool = False, ga_batches=None):
-    """{"lora": LoRA tree, "full": float32 copies of modules_to_save}, the resolved targets, and the base params to
-    train against (LoRA-GA's residual base; the model's own params otherwise).
-
-    With template_only, a LoRA-GA tree is only shaped (for restoring a checkpoint, whose a0/b0 give the residual).
-    """
-    targets = model.lora_targets(config.lora)
-    params = model.params
-    if config.lora.init_lora_weights == "lora_ga":
-        from jaxlora.lora import ga as lora_ga
-        if template_only:
-            lora = lora_ga.lora_ga_template(model, config.lora)
-        else:
-            lora, params = lora_ga.lora_ga_init(model, config.lora, ga_batches,
-                                                progress=config.train.progress_bar)
-    else:
-        lora = lora_lib.init_lora(model, config.lora, rng)
-    full = lora_lib.split_modules_to_save(model.params, config.lora.modules_to_save)
-    full = jax.tree.map(lambda x: x.astype(jnp.dtype(config.lora.lora_dtype)), full)
-    return {"lora": lora, "full": full}, targets, params
-
-
 def eval_steps(loader, max_batches: int | None) -> int:
     """Held-out batches one evaluation reads: all of them, or at most `max_batches` (train.eval_batches)."""
     return loader.steps_per_epoch if max_batches is None else min(max_batches, loader.steps_per_epoch)
@@ -148,16 +124,23 @@ class Evaluator:
     """Held-out metrics of a run: the loss, and for data with `label_words` the accuracy of picking the label word the
     decoder finds most probable (`jaxlora.tasks.t5_glue`: every class scored, normalized over the classes)."""
 
-    def __init__(self, model: Model, config: RunConfig, tokenizer, eval_data, trainable_shardings=None):
+    def __init__(self, model: Model, config: RunConfig, tokenizer, eval_data, eval_step=None, adapter_shardings=None):
+        """`eval_step`/`adapter_shardings` from the run's `build_training` (default: jit without fixed shardings)."""
         self.mesh, self.max_batches = model.mesh, config.train.eval_batches
         self.loader = make_loader(config, eval_data, tokenizer, config.train.micro_batch_size)
-        jit = ((lambda f: step_lib.jit_eval_step(f, model.param_shardings, trainable_shardings, model.mesh))
-               if trainable_shardings is not None else jax.jit)
-        self.loss_fn = jit(step_lib.make_eval_step(model))
+        if adapter_shardings is not None:
+            batch_sh, rep = sharding.batch_sharding(model.mesh), sharding.replicated(model.mesh)
+            jit = lambda f: jax.jit(f, in_shardings=(model.param_shardings, adapter_shardings, batch_sh),
+                                    out_shardings=rep)
+        else:
+            jit = jax.jit
+        self.loss_fn = eval_step or jit(step_lib.make_eval_step(model))
         self.label_ids = data_lib.label_word_ids(config.data, tokenizer) if config.data.label_words else None
         self.accuracy_fn = jit(t5_glue.make_accuracy_step(model, self.label_ids)) if self.label_ids else None
 
-    def __call__(self, params, trainable) -> dict:
+    def __call__(self, params, adapters) -> dict:
+        """Held-out metrics of the model with `adapters` ({"lora", "full"}, as `Training.adapters` joins them)."""
+        trainable = adapters
         out = {"eval_loss": evaluate(self.loss_fn, params, trainable, self.loader, self.mesh, self.max_batches)}
         if self.accuracy_fn is not None:
             correct = total = 0.0
@@ -202,38 +185,28 @@ def train(config: RunConfig) -> TrainResult:
         raise TrainingError(f"train.micro_batch_size={tc.micro_batch_size} must be a multiple of the mesh's "
                             f"data x fsdp = {divisor} (mesh {dict(mesh.shape)})")
     with contextlib.ExitStack() as stack:  # the checkpointer and the logger are closed on any exit
-        rng = jax.random.PRNGKey(tc.seed)
-        init_rng, state_rng = jax.random.split(rng)
         checkpointer = stack.enter_context(contextlib.closing(
             ckpt_lib.Checkpointer(out / "checkpoints", keep=tc.keep_checkpoints)))
         resuming = tc.resume and checkpointer.latest_step() is not None
         is_ga = config.lora.init_lora_weights == "lora_ga"
         t_init = time.perf_counter()
-        trainable, targets, params = build_trainable(
-            model, config, init_rng, template_only=resuming,
-            ga_batches=lora_ga_batches(config, train_data, tokenizer) if is_ga and not resuming else None)
+        training = build_training(
+            model, config, total_steps=total_steps, template=resuming, progress=tc.progress_bar,
+            lora_ga_batches=lora_ga_batches(config, train_data, tokenizer) if is_ga and not resuming else None)
         if is_ga and not resuming:
             log.info("LoRA-GA initialization: %.1fs", time.perf_counter() - t_init)
-        tx, schedule = optim.make_optimizer(config.optim, total_steps, trainable)
-        trainable_sh = step_lib.trainable_shardings_for(model, targets, config.lora, trainable["full"])
-        offload = config.optim.offload_state
-        state, state_sh = step_lib.init_state(trainable, tx, state_rng, trainable_sh, mesh, offload)
-        train_step = step_lib.jit_train_step(
-            step_lib.make_train_step(model, tx, schedule, tc.grad_accum_steps,
-                                     state_sh.opt_state if offload else None), model.param_shardings, state_sh, mesh)
-        evaluator = Evaluator(model, config, tokenizer, eval_data, trainable_sh) if eval_data is not None else None
+        params, state, train_step, targets = training.params, training.state, training.train_step, training.targets
+        evaluator = (Evaluator(model, config, tokenizer, eval_data, training.eval_step) if eval_data is not None
+                     else None)
 
         signature = ckpt_lib.state_signature(model.config, state)
         start = 0
         if resuming:
             start = checkpointer.latest_step()
             state, _ = checkpointer.restore(start, state, signature)
-            if is_ga:  # the frozen base trained against is W0 - s*a0@b0, rebuilt from the checkpoint's a0/b0
-                params = trained_base(model.params, state.trainable)
             log.info("resumed from %s at step %d", checkpointer.directory, start)
-        model.params = None  # the run trains against `params`; drop the model's reference (LoRA-GA: the original)
 
-        n_lora = lora_lib.num_lora_params(trainable["lora"])
+        n_lora = lora_lib.num_lora_params(state.trainable["lora"])
         log.info("training %d steps (%d/epoch) of %d examples x %d tokens max; LoRA params %.2fM (%.3f%% of base), "
                  "%d targets", total_steps, loader.steps_per_epoch, batch_size, config.data.max_length, n_lora / 1e6,
                  100 * n_lora / model.config.num_params, len(targets))
@@ -281,7 +254,7 @@ def train(config: RunConfig) -> TrainResult:
                 finish(*pending)
                 pending = None
             if eval_now:
-                eval_metrics = evaluator(params, state.trainable)
+                eval_metrics = evaluator(params, training.adapters(state))
                 logger.log_eval(done, **eval_metrics)
             if save_now:
                 checkpointer.save(done, state, {**meta, "step": done})
@@ -290,8 +263,9 @@ def train(config: RunConfig) -> TrainResult:
             finish(*pending)
 
     from jaxlora.io.peft import export_peft
-    adapter_dir = export_peft(model, state.trainable["lora"], config.lora, out / "adapter",
-                              modules_to_save=state.trainable["full"], overwrite=True)
+    final = training.adapters(state)
+    adapter_dir = export_peft(model, final["lora"], config.lora, out / "adapter", modules_to_save=final["full"],
+                              overwrite=True)
     compiles = len(executables)
     log.info("done: %d steps, final loss %.4f%s; adapter in %s; %d train-step compilations",
              total_steps, losses[-1] if losses else float("nan"),
@@ -307,27 +281,19 @@ def loss_history(output_dir: str | Path) -> list[dict]:
 
 
 
-def restore_trainable(config: RunConfig, model: Model, step: int | None = None):
-    """The trainable tree ({"lora", "full"}) of a run's checkpoint (latest by default), in its shardings."""
-    trainable, targets, _ = build_trainable(model, config, jax.random.PRNGKey(config.train.seed), template_only=True)
-    tx, _ = optim.make_optimizer(config.optim, 1, trainable)
-    trainable_sh = step_lib.trainable_shardings_for(model, targets, config.lora, trainable["full"])
-    template, _ = step_lib.init_state(trainable, tx, jax.random.PRNGKey(0), trainable_sh, model.mesh)
+def restore_adapters(config: RunConfig, model: Model, step: int | None = None):
+    """The adapters ({"lora" with LoRA-GA's a0/b0 joined, "full"}) of a run's checkpoint (latest by default), in their
+    shardings, and the step."""
+    training = build_training(model, config, total_steps=1, template=True)
     checkpointer = ckpt_lib.Checkpointer(Path(config.train.output_dir) / "checkpoints")
     try:
         step = checkpointer.latest_step() if step is None else step
         if step is None:
             raise ckpt_lib.ResumeError(f"no checkpoint in {checkpointer.directory}")
-        state, _ = checkpointer.restore(step, template, ckpt_lib.state_signature(model.config, template))
+        state, _ = checkpointer.restore(step, training.state, ckpt_lib.state_signature(model.config, training.state))
     finally:
         checkpointer.close()
-    return state.trainable, step
-
-
-def trained_base(params, trainable):
-    """The frozen base a run trained against: W0, or W0 - s*a0@b0 for base-modifying (LoRA-GA) adapters."""
-    from jaxlora.lora.ga import residual_params
-    return residual_params(params, trainable["lora"])
+    return training.adapters(state), step
 
 
 def evaluate_run(config: RunConfig, step: int | None = None, base_only: bool = False) -> dict:
@@ -344,8 +310,7 @@ def evaluate_run(config: RunConfig, step: int | None = None, base_only: bool = F
     if base_only:
         trainable, step = {"lora": {}, "full": {}}, 0
     else:
-        trainable, step = restore_trainable(config, model, step)
-        params = trained_base(model.params, trainable)
+        trainable, step = restore_adapters(config, model, step)
     evaluator = Evaluator(model, config, tokenizer, eval_data)
     metrics = evaluator(params, trainable)
     return {"step": step, **metrics, "eval_perplexity": math.exp(min(metrics["eval_loss"], 50.0)),
@@ -356,8 +321,7 @@ def export_merged(config: RunConfig, out_dir: str | Path, step: int | None = Non
     """Writes base + s*a@b (and modules_to_save) as HF safetensors that AutoModelForCausalLM loads."""
     mesh = sharding.make_mesh(config.mesh)
     model = load_model(config, mesh)
-    trainable, _ = restore_trainable(config, model, step)
-    params = lora_lib.merge(lora_lib.overlay(trained_base(model.params, trainable), trainable["full"]),
-                            trainable["lora"])
+    trainable, _ = restore_adapters(config, model, step)
+    params = lora_lib.merge(lora_lib.overlay(model.params, trainable["full"]), trainable["lora"])
     params = jax.tree.map(lambda new, old: new.astype(old.dtype), params, model.params)
     return model.save_pretrained(out_dir, params, overwrite=overwrite)

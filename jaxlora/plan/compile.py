@@ -1,0 +1,275 @@
+"""Compiling the steps: `Planner` lowers the train step and LoRA-GA's estimation steps; `compile_step` measures them.
+
+`Planner` holds the abstract model, adapters and optimizer state of one (config, mesh, remat) and builds the SAME
+jitted functions the trainer and LoRA-GA run, with `jax.ShapeDtypeStruct` arguments carrying the trainer's
+shardings. `compile_step` compiles one of them for the target: XLA's `memory_analysis()` gives the per-chip bytes
+(`Memory`), a TPU compile that would not fit fails with RESOURCE_EXHAUSTED and is reported as "does not fit"
+(`StepPlan`), and `Planner.largest_micro_batch` searches the largest micro-batch per chip that fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from jaxlora import lora as lora_lib, sharding
+from jaxlora.training import data as data_lib
+from jaxlora.lora import ga as lora_ga
+from jaxlora.training.build import build_training
+from jaxlora.config import RunConfig
+from jaxlora.lora import LoraGAConfig
+from jaxlora.lora.weights import LoraWeights
+from jaxlora.training.metrics import train_flops_per_token
+from jaxlora.plan.report import fmt_fit
+from jaxlora.plan.shapes import build_model
+from jaxlora.plan.targets import GiB
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Memory:
+    """Per-chip bytes of one compiled program (XLA's memory_analysis)."""
+
+    argument: int
+    output: int
+    alias: int  # outputs written into donated arguments
+    temp: int  # activations, gradients and every other temporary
+    code: int
+    host: int = 0  # arguments, outputs and temporaries in pinned host memory (optim.offload_state), not in peak
+
+    @property
+    def peak(self) -> int:
+        return self.argument + self.output - self.alias + self.temp + self.code
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """One compiled step at one batch size: does it fit, how much memory per chip, how many FLOPs."""
+
+    name: str  # "train", "lora_ga_exact" or "lora_ga_streaming"
+    rows: int  # global rows per call (train: micro-batch x grad_accum_steps)
+    per_chip: int  # micro-batch rows per data shard (per chip when there is no tensor parallelism)
+    seq_len: int
+    fits: bool
+    memory: Memory | None  # None when the compile ran out of memory
+    parts: dict[str, int]  # per-chip bytes of the inputs by what they hold (weights, adapters, ...)
+    flops: float  # analytic FLOPs of one call (all chips)
+    flops_xla: float | None  # XLA's count for one chip (loops counted once)
+    compile_s: float
+    over_bytes: int = 0  # how far over the per-chip HBM when it does not fit
+
+    @property
+    def peak(self) -> int | None:
+        return self.memory.peak if self.memory else None
+
+
+def _bytes(x, s) -> int:
+    """Per-chip bytes of one array of a compiled program's inputs (its shard); `s` is its sharding, or a
+    ShapeDtypeStruct carrying one."""
+    s = s.sharding if isinstance(s, jax.ShapeDtypeStruct) else s
+    shape = s.shard_shape(x.shape) if s is not None and hasattr(s, "shard_shape") else x.shape
+    return math.prod(shape) * jnp.dtype(x.dtype).itemsize
+
+
+def _tree_bytes(tree, shardings) -> int:
+    return sum(_bytes(x, s) for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+
+
+def _gib_over(message: str) -> int:
+    """Bytes over capacity from XLA's RESOURCE_EXHAUSTED message (0 if it names no sizes)."""
+    unit = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": GiB, "T": 2 ** 40}
+    size = lambda v, u: float(v) * unit[u.upper()]
+    if m := re.search(r"\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)", message):
+        return int(size(*m.group(1, 2)) - size(*m.group(3, 4)))
+    if m := re.search(r"[Ee]xceeded hbm capacity by ([\d.]+)([KMGT]?)", message):
+        return int(size(*m.group(1, 2)))
+    return 0
+
+
+def _xla_flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not every backend has a cost model
+        return None
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def compile_step(name: str, jitted, args: tuple, *, rows: int, per_chip: int, seq_len: int, flops: float,
+                 hbm_bytes: int, parts: Callable[[tuple], dict[str, int]]) -> StepPlan:
+    """Lowers and compiles `jitted` at `args` (ShapeDtypeStructs); RESOURCE_EXHAUSTED is "does not fit".
+
+    `parts(input_shardings)` splits the per-chip input bytes by meaning, using the shardings the compiled program
+    actually takes (jit may choose them for inputs without one); if it does not compile, the requested ones.
+    """
+    t0 = time.perf_counter()
+    try:
+        compiled = jitted.lower(*args).compile()
+    except Exception as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        log.debug("%s: %s", name, e)
+        return StepPlan(name, rows, per_chip, seq_len, False, None, parts(args), flops, None,
+                        time.perf_counter() - t0, over_bytes=_gib_over(str(e)) or 1)
+    dt = time.perf_counter() - t0
+    ma = compiled.memory_analysis()
+    host_bytes = lambda k: getattr(ma, f"host_{k}_size_in_bytes", 0) or 0
+    host = host_bytes("argument") + host_bytes("output") - host_bytes("alias") + host_bytes("temp")
+    memory = Memory(ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.alias_size_in_bytes,
+                    ma.temp_size_in_bytes, ma.generated_code_size_in_bytes, host)
+    in_shardings = compiled.input_shardings[0]
+    split = parts(in_shardings)
+    split["temporaries"] = memory.temp
+    fits = memory.peak <= hbm_bytes
+    return StepPlan(name, rows, per_chip, seq_len, fits, memory, split, flops, _xla_flops(compiled), dt,
+                    over_bytes=max(0, memory.peak - hbm_bytes))
+
+
+def _struct(tree, shardings):
+    """ShapeDtypeStructs of `tree` with `shardings` (a None sharding leaves the choice to jit)."""
+    return jax.tree.map(lambda s, x: x if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shardings, tree, is_leaf=lambda s: s is None)
+
+
+def _batch(rows: int, seq_len: int, shard, groups: int = 1) -> dict:
+    batch = {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=shard)
+             for k in ("input_ids", "attention_mask", "labels")}
+    if groups > 1:  # LoRA-GA's packed estimation batches (lora_ga.pack_batches)
+        batch["group"] = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=shard)
+    return batch
+
+
+# ------------------------------------------------------------------------------------------------ the steps
+
+
+class Planner:
+    """The abstract model, adapters and optimizer state of one (config, mesh, remat), and the steps to compile."""
+
+    def __init__(self, config: RunConfig, mesh, remat: str | None, hbm_bytes: int, hf_config: dict | None = None):
+        self.config, self.mesh, self.hbm = config, mesh, hbm_bytes
+        self.model = build_model(config, mesh, remat, hf_config)
+        self.seq_len = max(data_lib.bucket_lengths(config.data))
+        self.divisor = sharding.batch_divisor(mesh)
+        self.params = _struct(self.model.abstract_params, self.model.param_shardings)
+        self._train_cache: dict[int, StepPlan] = {}
+        self._train_fn = None
+
+    # ---- LoRA training: exactly trainer.train's objects, built from shapes
+    def _build_train(self):
+        """`jaxlora train`'s own training build (`build_training`), from shapes: nothing is allocated."""
+        cfg = self.config
+        training = build_training(self.model, cfg, total_steps=cfg.train.max_steps or 1000, abstract=True)
+        self.state, self._train_fn = training.state, training.train_step
+
+    def train(self, per_chip: int) -> StepPlan:
+        """The train step at `per_chip` micro-batch rows per data shard."""
+        if per_chip in self._train_cache:
+            return self._train_cache[per_chip]
+        if self._train_fn is None:
+            self._build_train()
+        accum = self.config.train.grad_accum_steps
+        rows = per_chip * self.divisor * accum
+        batch = _batch(rows, self.seq_len, sharding.batch_sharding(self.mesh))
+
+        def parts(sh):
+            params_sh, state_sh, batch_sh = sh
+            return {"weights": _tree_bytes(self.params, params_sh),
+                    "adapters": _tree_bytes(self.state.trainable, state_sh.trainable)
+                    + _tree_bytes(self.state.frozen, state_sh.frozen),  # LoRA-GA's a0/b0
+                    ("optimizer (host)" if self.config.optim.offload_state else "optimizer"):
+                        _tree_bytes(self.state.opt_state, state_sh.opt_state),
+                    "batch": _tree_bytes(batch, batch_sh)}
+
+        flops = rows * self.seq_len * train_flops_per_token(self.model, self.seq_len)
+        plan = compile_step("train", self._train_fn, (self.params, self.state, batch), rows=rows,
+                            per_chip=per_chip, seq_len=self.seq_len, flops=flops, hbm_bytes=self.hbm, parts=parts)
+        log.info("  train  micro-batch %d/chip: %s (%.1fs)", per_chip, fmt_fit(plan), plan.compile_s)
+        self._train_cache[per_chip] = plan
+        return plan
+
+    def largest_micro_batch(self, cap: int = 256) -> tuple[StepPlan | None, StepPlan]:
+        """(the plan at the largest per-chip micro-batch that fits, or None; the plan at 1 per chip)."""
+        first = self.train(1)
+        if not first.fits:
+            return None, first
+        best, fail, m = first, None, 2
+        while m <= cap:
+            p = self.train(m)
+            if not p.fits:
+                fail = m
+                break
+            best, m = p, m * 2
+        lo, hi = best.per_chip, fail
+        while hi is not None and hi - lo > 1:
+            mid = (lo + hi) // 2
+            p = self.train(mid)
+            if p.fits:
+                best, lo = p, mid
+            else:
+                hi = mid
+        return best, first
+
+    # ---- LoRA-GA estimation: the steps lora_ga.lora_ga_init runs
+    def _ga(self):
+        """The config, targets, global rows and groups of LoRA-GA's packed estimation batches (as lora_ga_init)."""
+        ga = self.config.lora.lora_ga_config or LoraGAConfig()
+        groups = lora_ga.pack_factor(ga.batch_size, self.divisor)
+        return ga, self.model.lora_targets(self.config.lora), ga.batch_size * groups, groups
+
+    def lora_ga_exact(self) -> StepPlan:
+        """lora_ga.estimate_gradients' step: float32 gradient accumulators for every targeted kernel."""
+        ga, targets, rows, groups = self._ga()
+        model = self.model
+        kernels = lora_ga._kernel_subtree(model.abstract_params, targets)
+        acc = _struct(jax.tree.map(lambda k: jax.ShapeDtypeStruct(k.shape, jnp.float32), kernels),
+                      lora_ga._kernel_subtree(model.param_shardings, targets))
+        count = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(self.mesh))
+        batch = _batch(rows, self.seq_len, sharding.batch_sharding(self.mesh, batch_size=rows), groups)
+
+        def parts(sh):
+            return {"weights": _tree_bytes(self.params, sh[2]), "accumulators": _tree_bytes(acc, sh[0]),
+                    "batch": _tree_bytes(batch, sh[3])}
+
+        flops = rows * self.seq_len * train_flops_per_token(model, self.seq_len, full_finetune=True)
+        plan = compile_step("lora_ga_exact", lora_ga.make_estimate_step(model, targets, rows, groups),
+                            (acc, count, self.params, batch), rows=rows, per_chip=rows // self.divisor,
+                            seq_len=self.seq_len, flops=flops, hbm_bytes=self.hbm, parts=parts)
+        log.info("  LoRA-GA exact estimation, batch %d: %s (%.1fs)", rows, fmt_fit(plan), plan.compile_s)
+        return plan
+
+    def lora_ga_streaming(self) -> StepPlan:
+        """lora_ga.streaming_factorize's sketch step (same jit, same shardings): a LoRA backward at the sketch rank
+        q = 2r + oversampling."""
+        ga, targets, rows, groups = self._ga()
+        ga = dataclasses.replace(ga, svd_method="streaming")  # its sketch rank, whatever the config's method
+        model = self.model
+        flat = traverse_util.flatten_dict(model.abstract_params)
+
+        def sketch(t):
+            *lead, d_in, d_out = flat[t.path + ("kernel",)].shape
+            q = lora_ga.sketch_rank(ga, t.rank, d_in, d_out)
+            return LoraWeights(jax.ShapeDtypeStruct((*lead, d_in, q), jnp.float32),
+                               jax.ShapeDtypeStruct((*lead, q, d_out), jnp.float32), scale=1.0)
+        lora = _struct(lora_lib.build_lora_tree(targets, sketch), lora_ga._sketch_shardings(model, targets))
+        batch = _batch(rows, self.seq_len, sharding.batch_sharding(self.mesh, batch_size=rows), groups)
+
+        def parts(sh):
+            return {"weights": _tree_bytes(self.params, sh[1]),
+                    "sketches": _tree_bytes(lora, sh[0]) + _tree_bytes(lora, sh[2]),
+                    "batch": _tree_bytes(batch, sh[3])}
+
+        flops = rows * self.seq_len * train_flops_per_token(model, self.seq_len)
+        plan = compile_step("lora_ga_streaming", lora_ga.make_sketch_step(model, targets, rows, groups),
+                            (lora, self.params, lora, batch), rows=rows, per_chip=rows // self.divisor,
+                            seq_len=self.seq_len, flops=flops, hbm_bytes=self.hbm, parts=parts)
+        log.info("  LoRA-GA streaming estimation, batch %d: %s (%.1fs)", rows, fmt_fit(plan), plan.compile_s)
+        return plan

@@ -1,0 +1,83 @@
+"""What a plan reports: `PlanReport` (per step: fit, bytes per chip by part, FLOPs) as text or JSON.
+
+`fmt_bytes` and `fmt_fit` are the one way sizes and fits are written, in the report and in the planner's log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from jaxlora.plan.targets import GiB, Target
+
+if TYPE_CHECKING:
+    from jaxlora.plan.compile import StepPlan
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def fmt_fit(p: StepPlan) -> str:
+    if p.fits:
+        return f"fits, {fmt_bytes(p.peak)}/chip"
+    peak = f"{fmt_bytes(p.peak)}/chip, " if p.peak else ""
+    return f"does not fit ({peak}{fmt_bytes(p.over_bytes)} over)"
+
+
+@dataclasses.dataclass
+class PlanReport:
+    target: Target
+    model: str
+    num_params: int
+    mesh: dict[str, int]
+    remat: str
+    seq_len: int
+    hbm_bytes: int  # per-chip budget the plan was checked against
+    train: StepPlan  # at the requested micro-batch
+    largest: StepPlan | None  # at the largest micro-batch per chip that fits (None: not searched or none fits)
+    lora_ga_exact: StepPlan | None = None
+    lora_ga_streaming: StepPlan | None = None
+    search: list[dict] = dataclasses.field(default_factory=list)  # remat / mesh search, best first
+    message: str = ""  # why nothing fits, when nothing does
+
+    @property
+    def fits(self) -> bool:
+        return self.train.fits
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["target"] = self.target.describe()
+        return d
+
+    def format(self) -> str:
+        lines = [f"plan: {self.model} ({self.num_params / 1e9:.2f}B params), seq {self.seq_len}, remat {self.remat}",
+                 f"target: {self.target.describe()}; mesh {self.mesh}; budget {self.hbm_bytes / GiB:.1f} GiB/chip"]
+        for p in (self.train, self.largest, self.lora_ga_exact, self.lora_ga_streaming):
+            if p is None or (p is self.largest and p.per_chip == self.train.per_chip):
+                continue
+            title = {"train": f"LoRA train step, micro-batch {p.per_chip}/chip ({p.rows} rows x {p.seq_len})",
+                     "lora_ga_exact": f"LoRA-GA exact estimation step, packed batch {p.per_chip}/chip "
+                                      f"({p.rows} rows x {p.seq_len})",
+                     "lora_ga_streaming": f"LoRA-GA streaming (sketch) step, packed batch {p.per_chip}/chip "
+                                          f"({p.rows} rows x {p.seq_len})"}[p.name]
+            if p is self.largest:
+                title = "largest that fits: " + title
+            lines.append(f"{title}: {fmt_fit(p)}, compiled in {p.compile_s:.1f}s")
+            if p.parts:
+                lines.append("    per chip: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in p.parts.items())
+                             + (f"; total {fmt_bytes(p.peak)}" if p.memory else "; temporaries: over HBM")
+                             + (f"; in pinned host memory: {fmt_bytes(p.memory.host)}"
+                                if p.memory and p.memory.host else ""))
+            if p.memory:
+                xla = f"{p.flops_xla:.3g}/chip (scans counted once)" if p.flops_xla else "n/a"
+                lines.append(f"    FLOPs/step: {p.flops:.3g} analytic (all chips); XLA {xla}")
+        for r in self.search:
+            lines.append(f"search: remat {r['remat']}, mesh {r['mesh']}: largest micro-batch/chip "
+                         f"{r['largest'] or 'none fits'}" + (f" ({r['peak_gib']:.2f} GiB)" if r['largest'] else ""))
+        if self.message:
+            lines.append(self.message)
+        return "\n".join(lines)
