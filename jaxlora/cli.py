@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help="HF model folder (or hub id)")
     c.add_argument("--adapter", default=None, help="PEFT adapter folder (e.g. a run's adapter/)")
     c.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable: generated as a batch)")
-    c.add_argument("--max-new-tokens", type=int, default=64)
+    c.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt (the API's default too)")
     c.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     c.add_argument("--top-k", type=int, default=0, help="0: no limit")
     c.add_argument("--top-p", type=float, default=1.0)

@@ -194,3 +194,10 @@ def activation_axes(ndim: int, feature_axis: str | None) -> tuple[str | None, ..
     """Logical axes of a (batch, ..., features) activation whose last dim is a kernel's `feature_axis`: "embed"
     (split over fsdp in parameters) is kept whole in activations, which are split over the batch instead."""
     return ("batch",) + (None,) * (ndim - 2) + (None if feature_axis == "embed" else feature_axis,)
+
+
+def place_batch(batch: dict, mesh) -> dict:
+    """This process's rows -> global arrays sharded over (data, fsdp) (replicated if the mesh does not divide them)."""
+    rows = next(iter(batch.values())).shape[0] * jax.process_count()
+    shard = batch_sharding(mesh, batch_size=rows)
+    return {k: jax.make_array_from_process_local_data(shard, v) for k, v in batch.items()}

@@ -469,7 +469,7 @@ class _Recorder:
 
     def __init__(self):
         self.triplets = None
-        self.real = lora_ga._build_init
+        self.real = lora_ga.build_init
 
     def __call__(self, model, params, targets, triplets, *a, **k):
         self.triplets = {p: tuple(np.asarray(x) for x in v) for p, v in triplets.items()}
@@ -483,7 +483,7 @@ def inits(model64, batches, grads64, ga_exact):
     out = {}
     with pytest.MonkeyPatch.context() as mp:
         rec = _Recorder()
-        mp.setattr(lora_ga, "_build_init", rec)
+        mp.setattr(lora_ga, "build_init", rec)
         _use_gradients(mp, model64, grads64, batches)
         _init(model64, _cfg(ALL), batches)  # ga_exact's config on the same gradient: records its triplets
         out["exact"] = (*ga_exact, rec.triplets)
@@ -603,7 +603,7 @@ def _first_step_cosines(model, params, lora_ab, batches_, grads, lr):
     device_batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in batches_]
 
     def loss(lora, params, bs):
-        return sum(lora_ga._mean_loss(model, params, lora, b)[0] for b in bs) / len(bs)
+        return sum(lora_ga.mean_loss(model, params, lora, b)[0] for b in bs) / len(bs)
     gl = jax.jit(jax.grad(loss))(lora_ab, params, device_batches)
     dots = norms_lora = norms_full = 0.0
     per_layer, second = [], 0.0
@@ -675,9 +675,9 @@ def test_packed_batches_keep_the_statistic(model64):
     assert (p["attention_mask"][:2, 12:] == 0).all() and (p["labels"][:2, 12:] == -100).all()
     assert (p["labels"][6:] == -100).all()  # the empty group
     params = model64.params
-    packed_loss, packed_count = lora_ga._mean_loss(model64, params, None, {k: jnp.asarray(v) for k, v in p.items()},
+    packed_loss, packed_count = lora_ga.mean_loss(model64, params, None, {k: jnp.asarray(v) for k, v in p.items()},
                                                    groups)
-    singles = [lora_ga._mean_loss(model64, params, None, {k: jnp.asarray(b[k]) for k in lora_ga.BATCH_KEYS})
+    singles = [lora_ga.mean_loss(model64, params, None, {k: jnp.asarray(b[k]) for k in lora_ga.BATCH_KEYS})
                for b in originals]
     np.testing.assert_allclose(float(packed_loss), sum(float(x) for x, _ in singles), rtol=1e-6)
     assert float(packed_count) == sum(float(n) for _, n in singles)
@@ -804,7 +804,7 @@ def test_streaming_never_forms_a_full_gradient(model64, batches):
 
     def grad_kernels(params, batch):
         def loss(k):
-            return lora_ga._mean_loss(model64, L.overlay(params, traverse_util.unflatten_dict(k)), None, batch)[0]
+            return lora_ga.mean_loss(model64, L.overlay(params, traverse_util.unflatten_dict(k)), None, batch)[0]
         return jax.grad(loss)({p: params_flat[p] for p in kernels})
     params_flat = traverse_util.flatten_dict(model64.params)
     control = _jaxpr_shapes(jax.make_jaxpr(grad_kernels)(model64.params, batch))

@@ -229,9 +229,9 @@ class Planner:
         """lora_ga.estimate_gradients' step: float32 gradient accumulators for every targeted kernel."""
         ga, targets, rows, groups = self._ga()
         model = self.model
-        kernels = lora_ga._kernel_subtree(model.abstract_params, targets)
+        kernels = lora_ga.kernel_subtree(model.abstract_params, targets)
         acc = _struct(jax.tree.map(lambda k: jax.ShapeDtypeStruct(k.shape, jnp.float32), kernels),
-                      lora_ga._kernel_subtree(model.param_shardings, targets))
+                      lora_ga.kernel_subtree(model.param_shardings, targets))
         count = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(self.mesh))
         batch = _batch(rows, self.seq_len, sharding.batch_sharding(self.mesh, batch_size=rows), groups)
 
@@ -259,7 +259,7 @@ class Planner:
             q = lora_ga.sketch_rank(ga, t.rank, d_in, d_out)
             return LoraWeights(jax.ShapeDtypeStruct((*lead, d_in, q), jnp.float32),
                                jax.ShapeDtypeStruct((*lead, q, d_out), jnp.float32), scale=1.0)
-        lora = _struct(lora_lib.build_lora_tree(targets, sketch), lora_ga._sketch_shardings(model, targets))
+        lora = _struct(lora_lib.build_lora_tree(targets, sketch), lora_ga.sketch_shardings(model, targets))
         batch = _batch(rows, self.seq_len, sharding.batch_sharding(self.mesh, batch_size=rows), groups)
 
         def parts(sh):
