@@ -2,7 +2,8 @@
 
 A YAML file in configs/ fills in this schema (`jaxlora train --config configs/x.yaml --set optim.learning_rate=1e-4`);
 an unknown key or a wrong type is an error naming the key (see `configfile`). Each section's dataclass lives with the
-code it configures: LoraConfig in lora.py, DataConfig in data.py, OptimConfig in optim.py, MeshConfig in sharding.py.
+code it configures: LoraConfig in lora/config.py, DataConfig in training/data/config.py, OptimConfig in
+training/optim.py, MeshConfig in sharding.py.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def build(kind: str, mode: str, impl: str, scale: float):
     import jax
     import jax.numpy as jnp
 
-    from jaxlora.lora.weights import low_rank_matmul
+    from jaxlora.lora.weights import low_rank_matmul_cpu as low_rank_matmul  # the custom VJP, on any backend
 
     branch = low_rank_matmul if impl == "custom" else (lambda x, a, b: (x @ a) @ b)
 

@@ -107,3 +107,13 @@ def test_export_to_an_existing_file_is_one_line(run, capsys, fmt):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and str(target) in err and "not a folder" in err, err
     assert target.read_text() == "keep me" and not list(d.glob(f".{target.name}*"))
+
+
+def test_generate_default_length_is_the_apis():
+    """`jaxlora generate` and `jaxlora.generate` / `generate_ids` default to the same number of new tokens."""
+    import inspect
+    from jaxlora import generation
+    args = cli._parser().parse_args(["generate", "--model", "m", "--prompt", "p"])
+    api = {inspect.signature(f).parameters["max_new_tokens"].default
+           for f in (generation.generate, generation.generate_ids)}
+    assert api == {args.max_new_tokens} == {generation.DEFAULT_MAX_NEW_TOKENS}

@@ -44,20 +44,31 @@ class LoraWeights:
         return self.a0 is not None
 
 
-
 def is_lora_leaf(x) -> bool:
     return isinstance(x, LoraWeights)
 
 
-@jax.custom_vjp
 def low_rank_matmul(x, a, b):
     """(x @ a) @ b for activations x (..., in), a (in, r), b (r, out): the LoRA branch, without its scale.
+
+    On XLA:CPU through `low_rank_matmul_cpu` (a custom backward, measured faster there); elsewhere plain autodiff,
+    which XLA's GPU and TPU dot emitters lay out themselves (the custom backward was never measured faster there).
+    """
+    if jax.default_backend() == "cpu":
+        return low_rank_matmul_cpu(x, a, b)
+    return (x @ a) @ b
+
+
+@jax.custom_vjp
+def low_rank_matmul_cpu(x, a, b):
+    """(x @ a) @ b with a backward laid out for XLA:CPU.
 
     Same math as the two dots; the custom backward only fixes how the weight gradients are laid out. Left to
     autodiff, db = (x a)^T dy contracts the (batch, seq) dims of the small x a with those of the large cotangent
     dy (..., out), and XLA:CPU materializes dy transposed ((out, B*T), one strided copy per adapted kernel and
     step) for that dot: ~40% of a LoRA layer's backward on CPU (measured, SmolLM2 MLP shapes). Here the small
     operand is the one transposed ((r, B*T)), behind an optimization barrier so XLA does not fold it back.
+    `python scripts/bench_low_rank.py` times it against plain autodiff; `tests/test_lora.py` checks its gradients.
     """
     return (x @ a) @ b
 
@@ -77,5 +88,4 @@ def _low_rank_bwd(res, dy):
     return dxa @ a.T, da.astype(a.dtype), db.astype(b.dtype)
 
 
-low_rank_matmul.defvjp(_low_rank_fwd, _low_rank_bwd)
-
+low_rank_matmul_cpu.defvjp(_low_rank_fwd, _low_rank_bwd)
