@@ -121,6 +121,8 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
+    from jaxlora.backends import skip_tpu_backend_without_tpu
+    skip_tpu_backend_without_tpu()  # no libtpu noise on a CPU/GPU host
     dev = jax.devices()[0]
     machine = {**bench_common.machine_info(), "cpu": cpu_model(), "jax_backend": jax.default_backend(),
                "device": getattr(dev, "device_kind", str(dev)), "devices": jax.device_count(),

@@ -2,8 +2,9 @@
 
     residual    the old design's step: a rank-r branch s*x@a@b on a rewritten base W0 - s*a0@b0 (the base's values
                 do not change the step's cost, so it is timed on W0)
-    relative    today's step: the base untouched, the update s*x@(a@b - a0@b0) as two rank-r products, a0/b0 frozen
-    rank-2r     the same update as one rank-2r product x@[a, a0]@[b; -b0] (the exported PEFT form; all of it trained)
+    relative    today's step: the base untouched, the update s*x@(a@b - a0@b0) as one rank-2r product
+                x@[a, a0]@[b; -b0] with a0/b0 frozen (`jaxlora.models.common.LoraDense`)
+    rank-2r     the exported PEFT form, [a, a0] and [b, -b0] as one trained rank-2r adapter (all of it trained)
 
 All three are built by `jaxlora.training.build.build_training` on the same model, batch and targets; the steps are
 timed alternating (median of --repeats after a warm-up), and each compiled step's temporary memory is read from XLA.
@@ -49,6 +50,8 @@ def main(argv=None) -> None:
     if path is None:
         import assets
         path = str(assets.smollm2_path())
+    from jaxlora.backends import skip_tpu_backend_without_tpu
+    skip_tpu_backend_without_tpu()  # no libtpu noise on a CPU/GPU host
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
     model = jaxlora.from_pretrained(path, "float32", mesh=mesh)
     rng = np.random.default_rng(0)

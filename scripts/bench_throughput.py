@@ -153,6 +153,8 @@ class JaxWorker:
         from jaxlora.training.metrics import train_flops_per_token
 
         self.jax = jax
+        from jaxlora.backends import skip_tpu_backend_without_tpu
+        skip_tpu_backend_without_tpu()  # no libtpu noise on a CPU/GPU host
         mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
         if args.model_path:
             self.model = from_pretrained(args.model_path, args.dtype, mesh=mesh, attention_impl=args.attention_impl)

@@ -133,6 +133,8 @@ class Study:
         from jaxlora.training import step as step_lib
 
         self.args, self.jax = args, jax
+        from jaxlora.backends import skip_tpu_backend_without_tpu
+        skip_tpu_backend_without_tpu()  # no libtpu noise on a CPU/GPU host
         self.mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
         from transformers import AutoTokenizer
         import assets

@@ -79,6 +79,8 @@ def main(argv=None) -> None:
     from jaxlora.lora import LoraConfig
     from jaxlora.models.model import Model, from_pretrained
 
+    from jaxlora.backends import skip_tpu_backend_without_tpu
+    skip_tpu_backend_without_tpu()  # no libtpu noise on a CPU/GPU host
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
     if args.model:
         model, name = from_pretrained(args.model, mesh=mesh), args.model

@@ -10,7 +10,7 @@ alpha/sqrt(r)) and `dropout` are static, so every model call knows how to apply 
 and a jit recompiles if they change.
 
 `a0`/`b0` are set only by inits relative to the base (LoRA-GA): the initial factors, frozen. The frozen kernel
-stays the loaded W0 and the branch computes the update relative to it, s*x@(a@b - a0@b0), which is exactly zero at
+stays the loaded W0 and the branch computes the update relative to it, s*x@(a@b - a0@b0), which is zero (to rounding) at
 step 0 (a = a0, b = b0). So several such adapters share one base, the model at step 0 is the base in any dtype,
 dropout needs no special case, and resume, merge and export need no residual. In a train state they sit outside the
 trainable tree (`TrainState.frozen`, no gradient, no optimizer state; `jaxlora.lora.split_offsets`), and the adapter

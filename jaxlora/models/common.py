@@ -132,20 +132,22 @@ class LoraDense(nn.Module):
 
     def _lora_branch(self, x, lora: LoraWeights):
         """x @ a @ b with LoRA dropout on the input; for an init relative to the base (LoRA-GA), the update
-        x @ (a @ b - a0 @ b0), so the frozen kernel stays the loaded W0.
+        x @ (a @ b - a0 @ b0) as one rank-2r product x @ [a, a0] @ [b; -b0], so the frozen kernel stays the loaded W0.
 
-        a0/b0 are frozen (no gradient, no optimizer state). At step 0 a = a0 and b = b0: both products are the same
-        computation on the same values, so the update is exactly zero and the model is exactly the base, in any
-        dtype. Dropout acts on the whole update, as PEFT's dropout does on the exported rank-2r adapter
-        (a' = [a, a0], b' = [b, -b0] on W0): no special case.
+        a0/b0 are frozen (no gradient, no optimizer state). At step 0 a = a0 and b = b0, so the update cancels to
+        rounding (the two halves of one dot of length 2r) and the model is the base. One rank-2r product costs ~0.4% of
+        a SmolLM2 LoRA step over the rank-r branch; two rank-r products (exactly zero at step 0) cost 10%
+        (`python scripts/bench_relative_update.py`). Dropout acts on the whole update, as PEFT's dropout does on the
+        exported rank-2r adapter (a' = [a, a0], b' = [b, -b0] on W0): no special case.
         """
         cast = lambda t: t.astype(self.dtype)
         x_in = cast(nn.Dropout(rate=lora.dropout)(x, deterministic=self.deterministic))
-        branch = low_rank_matmul(x_in, cast(lora.a), cast(lora.b))
+        a, b = cast(lora.a), cast(lora.b)
         if lora.a0 is not None:
             a0, b0 = jax.lax.stop_gradient((lora.a0, lora.b0))
-            branch = branch - low_rank_matmul(x_in, cast(a0), cast(b0))
-        return branch
+            a = jnp.concatenate([a, cast(a0)], axis=-1)
+            b = jnp.concatenate([b, -cast(b0)], axis=-2)
+        return low_rank_matmul(x_in, a, b)
 
 
 class LayerPart(nn.Module):

@@ -18,15 +18,15 @@ gradient-accumulation micro-batches) once, so it undercounts by about the number
 
     targets.py   TPU chip table, target names -> Target, the target's (compile-only) devices, PlanError, GiB
     shapes.py    built-in model shapes, a model's HF config, the abstract model
-    compile.py   Planner (the steps, lowered from shapes), compile_step, Memory, StepPlan
-    report.py    PlanReport, fmt_bytes, fmt_fit
+    compile.py   Planner (the steps, lowered from shapes), compile_step
+    report.py    StepPlan, Memory, PlanReport, fmt_bytes, fmt_fit
     command.py   plan(), the remat / mesh search, the README table, `jaxlora plan`'s arguments
 """
 
 from jaxlora.plan.command import TABLE_MODELS, TABLE_TARGETS, add_plan_arguments, plan, run_plan_command, table, \
     table_config
-from jaxlora.plan.compile import Memory, Planner, StepPlan, compile_step
-from jaxlora.plan.report import PlanReport, fmt_bytes, fmt_fit
+from jaxlora.plan.compile import Planner, compile_step
+from jaxlora.plan.report import Memory, PlanReport, StepPlan, fmt_bytes, fmt_fit
 from jaxlora.plan.shapes import SHAPES, build_model, hf_config_of
 from jaxlora.plan.targets import CHIPS, LIBTPU_PIP, TARGET_FORMS, GiB, PlanError, Target, resolve_target, \
     target_devices

@@ -17,8 +17,8 @@ import jax
 
 from jaxlora import lora as lora_lib, sharding
 from jaxlora.config import RunConfig
-from jaxlora.plan.compile import Planner, StepPlan
-from jaxlora.plan.report import PlanReport, fmt_bytes
+from jaxlora.plan.compile import Planner
+from jaxlora.plan.report import PlanReport, StepPlan, fmt_bytes
 from jaxlora.plan.shapes import SHAPES
 from jaxlora.plan.targets import TARGET_FORMS, GiB, PlanError, Target, resolve_target, target_devices
 

@@ -28,48 +28,11 @@ from jaxlora.config import RunConfig
 from jaxlora.lora import LoraGAConfig
 from jaxlora.lora.weights import LoraWeights
 from jaxlora.training.metrics import train_flops_per_token
-from jaxlora.plan.report import fmt_fit
+from jaxlora.plan.report import Memory, StepPlan, fmt_fit
 from jaxlora.plan.shapes import build_model
 from jaxlora.plan.targets import GiB
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class Memory:
-    """Per-chip bytes of one compiled program (XLA's memory_analysis)."""
-
-    argument: int
-    output: int
-    alias: int  # outputs written into donated arguments
-    temp: int  # activations, gradients and every other temporary
-    code: int
-    host: int = 0  # arguments, outputs and temporaries in pinned host memory (optim.offload_state), not in peak
-
-    @property
-    def peak(self) -> int:
-        return self.argument + self.output - self.alias + self.temp + self.code
-
-
-@dataclasses.dataclass
-class StepPlan:
-    """One compiled step at one batch size: does it fit, how much memory per chip, how many FLOPs."""
-
-    name: str  # "train", "lora_ga_exact" or "lora_ga_streaming"
-    rows: int  # global rows per call (train: micro-batch x grad_accum_steps)
-    per_chip: int  # micro-batch rows per data shard (per chip when there is no tensor parallelism)
-    seq_len: int
-    fits: bool
-    memory: Memory | None  # None when the compile ran out of memory
-    parts: dict[str, int]  # per-chip bytes of the inputs by what they hold (weights, adapters, ...)
-    flops: float  # analytic FLOPs of one call (all chips)
-    flops_xla: float | None  # XLA's count for one chip (loops counted once)
-    compile_s: float
-    over_bytes: int = 0  # how far over the per-chip HBM when it does not fit
-
-    @property
-    def peak(self) -> int | None:
-        return self.memory.peak if self.memory else None
 
 
 def _bytes(x, s) -> int:

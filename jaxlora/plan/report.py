@@ -1,4 +1,5 @@
-"""What a plan reports: `PlanReport` (per step: fit, bytes per chip by part, FLOPs) as text or JSON.
+"""What a plan reports: `StepPlan` per compiled step (fit, `Memory` per chip, bytes by part, FLOPs) and the
+`PlanReport` over them, as text or JSON.
 
 `fmt_bytes` and `fmt_fit` are the one way sizes and fits are written, in the report and in the planner's log.
 """
@@ -6,12 +7,45 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 from jaxlora.plan.targets import GiB, Target
 
-if TYPE_CHECKING:
-    from jaxlora.plan.compile import StepPlan
+
+@dataclasses.dataclass
+class Memory:
+    """Per-chip bytes of one compiled program (XLA's memory_analysis)."""
+
+    argument: int
+    output: int
+    alias: int  # outputs written into donated arguments
+    temp: int  # activations, gradients and every other temporary
+    code: int
+    host: int = 0  # arguments, outputs and temporaries in pinned host memory (optim.offload_state), not in peak
+
+    @property
+    def peak(self) -> int:
+        return self.argument + self.output - self.alias + self.temp + self.code
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """One compiled step at one batch size: does it fit, how much memory per chip, how many FLOPs."""
+
+    name: str  # "train", "lora_ga_exact" or "lora_ga_streaming"
+    rows: int  # global rows per call (train: micro-batch x grad_accum_steps)
+    per_chip: int  # micro-batch rows per data shard (per chip when there is no tensor parallelism)
+    seq_len: int
+    fits: bool
+    memory: Memory | None  # None when the compile ran out of memory
+    parts: dict[str, int]  # per-chip bytes of the inputs by what they hold (weights, adapters, ...)
+    flops: float  # analytic FLOPs of one call (all chips)
+    flops_xla: float | None  # XLA's count for one chip (loops counted once)
+    compile_s: float
+    over_bytes: int = 0  # how far over the per-chip HBM when it does not fit
+
+    @property
+    def peak(self) -> int | None:
+        return self.memory.peak if self.memory else None
 
 
 def fmt_bytes(n: float) -> str:

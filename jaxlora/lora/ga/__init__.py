@@ -3,7 +3,7 @@
     1. estimate   G_K = mean over batches of dL/dK for every targeted kernel K (in, out)   (float32)
     2. factorize  G_K ~ U_K S V_K^T, top 2r triplets               ("exact" | "randomized" | "streaming")
     3. initialize a0 = U_K[:, A-slice] * c   (in, r)      b0 = V_K[:, B-slice]^T * c   (r, out)
-    4. adapter    LoraWeights(a = a0, b = b0, frozen a0, b0): the update s*x@(a@b - a0@b0) is exactly zero at step
+    4. adapter    LoraWeights(a = a0, b = b0, frozen a0, b0): the update s*x@(a@b - a0@b0) is zero (to rounding) at step
                   0, so the model is unchanged; the base K stays the loaded one (never rewritten)
 
 With direction ArB2r and the stable scale c = out^(1/4) / sqrt(gamma), the first SGD step of LoRA moves the effective
@@ -68,7 +68,7 @@ def lora_ga_init(model, lora_config, batches: Iterable[Mapping[str, Any]], *, pa
     Returns:
       The LoRA tree: a = a0, b = b0 initialized from the gradient's top singular vectors, and a0/b0 kept frozen. The
       model applies the update relative to the base, s*x@(a@b - a0@b0), so with this tree it equals the base model
-      exactly at step 0, and several LoRA-GA adapters share one base.
+      at step 0 (to float rounding), and several LoRA-GA adapters share one base.
     """
     if lora_config.init_lora_weights != "lora_ga":
         raise LoraGAError("lora_ga_init needs a LoraConfig with init_lora_weights='lora_ga'")
