@@ -13,6 +13,7 @@ Errors a user can cause (bad config, data, model folder, checkpoint) end in one 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -110,10 +111,30 @@ def export_peft_run(config, out_dir, step=None, overwrite: bool = False):
                        overwrite=overwrite)
 
 
+@contextlib.contextmanager
+def _jaxlora_logging(verbose: bool):
+    """jaxlora's own messages at INFO (DEBUG with -v) for the command's duration, whatever other libraries did to the
+    root logger first: importing orbax leaves a root handler at the default WARNING level, which makes
+    logging.basicConfig a no-op, so the level is set on the "jaxlora" logger itself (its records then reach the root's
+    handlers, whose own level is NOTSET). Restored on return: the CLI is also called in-process."""
+    logger = logging.getLogger("jaxlora")
+    before = logger.level
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file operation at INFO
+    with _jaxlora_logging(args.verbose):
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         if args.command == "plan":
             from jaxlora.plan import run_plan_command

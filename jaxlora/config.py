@@ -59,6 +59,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs}")
+        if self.save_every < 0:
+            raise ValueError(f"save_every must be >= 0 (0 = only at the end), got {self.save_every}")
 
 
 @dataclasses.dataclass(frozen=True)

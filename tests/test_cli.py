@@ -117,3 +117,30 @@ def test_generate_default_length_is_the_apis():
     api = {inspect.signature(f).parameters["max_new_tokens"].default
            for f in (generation.generate, generation.generate_ids)}
     assert api == {args.max_new_tokens} == {generation.DEFAULT_MAX_NEW_TOKENS}
+
+
+def test_cli_shows_info_and_says_where_it_resumed(tmp_path):
+    """INFO from jaxlora's loggers reaches stderr by default on the CLI whatever orbax/absl set up, and a resumed run
+    says where it resumed (issue 16 item 8)."""
+    tiny.tiny_model_dir(tmp_path / "model")
+    tiny.write_jsonl(tmp_path / "train.jsonl", tiny.instruction_records(16))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"""
+model: {{path: {tmp_path}/model}}
+lora: {{r: 4, target_modules: [q_proj]}}
+data: {{path: {tmp_path}/train.jsonl, max_length: 32, bucket_lengths: [32]}}
+train: {{output_dir: {tmp_path}/run, micro_batch_size: 8, max_steps: 1, progress_bar: false,
+         peak_tflops_per_device: 1}}
+""")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # orbax (absl) imported before the CLI sets up logging, as when jaxlora's modules are already loaded: it leaves a
+    # WARNING-level root handler that logging.basicConfig does not replace
+    entry = "import sys, orbax.checkpoint; from jaxlora import cli; sys.exit(cli.main(sys.argv[1:]))"
+    cmd = [sys.executable, "-c", entry, "train", "--config", str(cfg)]
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert "training 1 steps" in first.stderr, first.stderr  # INFO without -v
+    second = subprocess.run(cmd + ["--set", "train.max_steps=2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert second.returncode == 0, second.stderr
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints'} at step 1" in second.stderr, second.stderr

@@ -246,3 +246,19 @@ def test_set_hints_name_real_run_config_keys():
              for key in re.findall(r"--set[ =]([A-Za-z_][\w]*(?:\.[\w]+)+)=", text) if key != "section.key"}
     assert any(where == "parse_override's error" for where, _ in hints)  # the scan sees the message's example
     assert [h for h in sorted(hints) if not resolve(h[1])] == []
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.save_every=-1", "save_every must be >= 0 (0 = only at the end), got -1"),
+    ("train.epochs=0", "epochs must be positive, got 0.0"),
+    ("train.epochs=-2", "epochs must be positive, got -2.0"),
+    ("optim.b2=1.5", "b2 must be in [0, 1), got 1.5"),
+    ("optim.b1=-0.1", "b1 must be in [0, 1), got -0.1"),
+    ("lora.lora_alpha=0", "lora_alpha must be positive (the adapter's scale is lora_alpha / r), got 0.0"),
+])
+def test_run_config_refuses_bad_values(override, needle):
+    """Values that would be accepted silently and train nonsense (issue 16 items 9 and 13): one clear error each."""
+    from jaxlora.config import load_run_config
+    with pytest.raises(ConfigError) as e:
+        load_run_config(None, [override])
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)

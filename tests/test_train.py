@@ -13,6 +13,7 @@ shape or model is a clear ResumeError; over-long examples are truncated and coun
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 import shutil
@@ -460,3 +461,62 @@ def test_resume_rejects_other_lora_shape_or_model(assets, resume_runs, tmp_path)
         train_lib.train(run_config(assets, tmp_path / "model", *RESUME, "train.max_steps=12",
                                    f"model.path={tmp_path / 'narrow'}"))
     assert step_dirs(tmp_path / "model") == [8, 12]
+
+
+def test_resume_refuses_other_lora_alpha_and_logs_other_optimizer(assets, resume_runs, tmp_path, caplog):
+    """lora_alpha changes the adapted model's function: resuming with another one is refused, naming the key and both
+    values; a changed learning rate only changes the optimization: accepted, and logged with both values."""
+    src = resume_runs["dir"] / "a" / "checkpoints"
+    shutil.copytree(src, tmp_path / "alpha" / "checkpoints")
+    with pytest.raises(ckpt_lib.ResumeError, match=r"lora\.lora_alpha=8\.0, this run has lora\.lora_alpha=16\.0"):
+        train_lib.train(run_config(assets, tmp_path / "alpha", *RESUME, "train.max_steps=12", "lora.lora_alpha=16"))
+    with pytest.raises(ckpt_lib.ResumeError, match=r"lora\.lora_alpha=8\.0, this run has lora\.lora_alpha=16\.0"):
+        train_lib.restore_adapters(run_config(assets, tmp_path / "alpha", *RESUME, "lora.lora_alpha=16"),
+                                   from_pretrained(assets / "model"))  # eval/export of the run too
+
+    shutil.copytree(src, tmp_path / "lr" / "checkpoints")
+    with caplog.at_level(logging.INFO, logger="jaxlora"):
+        result = train_lib.train(run_config(assets, tmp_path / "lr", *RESUME, "train.max_steps=13",
+                                            "optim.learning_rate=0.001"))
+    assert len(result.losses) == 1 and np.isfinite(result.losses[0])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "resuming at step 12 with optim.learning_rate=0.001; the checkpoint was trained with " \
+           f"optim.learning_rate={LR}" in warnings, warnings
+    assert f"resumed from {tmp_path / 'lr' / 'checkpoints'} at step 12" in caplog.text
+
+
+@pytest.mark.parametrize("lr,warmup,stop", [
+    (1e30, 0, r"loss is nan at step 2 \(the loss of the parameters checkpointed at step 1: that checkpoint was "
+              r"removed\); stopped\. Last good checkpoint: none"),
+    (1e30, 3, r"loss is nan at step 3 \(the loss of the parameters checkpointed at step 2: that checkpoint was "
+              r"removed\); stopped\. Last good checkpoint: step 1 in "),
+    (1e39, 0, r"the parameters are not finite after step 1 \(its loss, of the parameters before it, was [\d.]+\); "
+              r"step 1 was not saved; stopped\. Last good checkpoint: none"),
+], ids=["diverges_at_step_2", "finite_params_nan_loss", "nonfinite_params"])
+def test_divergence_keeps_only_good_checkpoints(assets, tmp_path, lr, warmup, stop):
+    """Issue 16 item 1: a huge learning rate on every linear layer, a checkpoint every step. The loss checked at step N
+    is that of the parameters before update N, so the checkpoint of step N - 1 is what gave a NaN loss at step N, and
+    the parameters after update N can already be non-finite. The last good checkpoint the stop names, restored, has
+    finite parameters and a finite loss, and it is the one a rerun resumes from. (With 1e30 the params after an
+    update are finite but their loss is NaN; a warmup makes step 1's update zero, so step 1 is good. 1e39 is inf in
+    float32: the params after step 1 are not finite.)"""
+    out = tmp_path / "run"
+    overrides = (f"optim.learning_rate={lr}", f"optim.warmup_steps={warmup}", "optim.schedule=constant",
+                 "lora.target_modules=all-linear", "train.save_every=1", "train.max_steps=6",
+                 "train.micro_batch_size=8")
+    cfg = run_config(assets, out, *overrides)
+    with pytest.raises(train_lib.TrainingError) as err:
+        train_lib.train(cfg)
+    message = str(err.value)
+    named = re.search(r"Last good checkpoint: step (\d+)", message)
+    if named is not None:  # the checkpoint the stop names, restored: finite parameters and a finite loss
+        good = int(named.group(1))
+        model = train_lib.load_model(cfg, sharding.make_mesh(cfg.mesh))
+        adapters, step = train_lib.restore_adapters(cfg, model, good)
+        assert step == good and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(adapters)), message
+        evaluated = train_lib.evaluate_run(dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, eval_path=str(assets / "train.jsonl"))), good)
+        assert evaluated["step"] == good and np.isfinite(evaluated["eval_loss"]), (evaluated, message)
+    assert re.search(stop, message), message
+    assert not (out / "adapter").exists()
+    assert step_dirs(out) == ([int(named.group(1))] if named else []), step_dirs(out)  # what a rerun resumes from

@@ -7,7 +7,8 @@ the frozen base. Orbax writes each step to a temporary folder and renames it whe
 half-written checkpoint, and keeps the last `keep` steps.
 
 On resume the saved signature is compared with the current run first, so resuming a checkpoint made for another
-model or another LoRA shape is one clear error instead of a shape mismatch deep inside orbax.
+model, another LoRA shape or another LoRA scale (lora_alpha) is one clear error instead of a shape mismatch deep inside
+orbax (or a silently different model).
 """
 
 from __future__ import annotations
@@ -24,14 +25,25 @@ class ResumeError(ValueError):
     pass
 
 
-def state_signature(model_config, state) -> dict:
-    """What must match for a checkpoint to be resumable: architecture and every trainable leaf's shape/dtype."""
+# LoraConfig fields that change the adapted model's function (beyond the shapes): a resume or an export that changes
+# one of them is refused. The optimizer's settings only change how training goes on (logged on resume, trainer.py).
+LORA_FUNCTION_KEYS = ("lora_alpha", "use_rslora", "alpha_pattern")
+
+
+def state_signature(model_config, state, lora_config=None) -> dict:
+    """What must match for a checkpoint to be resumable: architecture, every trainable leaf's shape/dtype, each LoRA
+    target's scale and (with `lora_config`) the LoRA settings that define the function (LORA_FUNCTION_KEYS)."""
+    from jaxlora.lora import lora_items
     leaves = jax.tree_util.tree_leaves_with_path(state.trainable)
     shapes = {jax.tree_util.keystr(p): [list(x.shape), str(x.dtype)] for p, x in leaves}
     frozen = jax.tree_util.tree_leaves_with_path(getattr(state, "frozen", None) or {})  # LoRA-GA's a0/b0
     shapes.update({"frozen" + jax.tree_util.keystr(p): [list(x.shape), str(x.dtype)] for p, x in frozen})
-    return {"model": {k: v for k, v in vars(model_config).items() if isinstance(v, (int, float, str, bool))},
-            "trainable": shapes}
+    signature = {"model": {k: v for k, v in vars(model_config).items() if isinstance(v, (int, float, str, bool))},
+                 "trainable": shapes,
+                 "scale": {"/".join(p): float(w.scale) for p, w in lora_items(state.trainable.get("lora", {}))}}
+    if lora_config is not None:
+        signature["lora"] = json.loads(json.dumps({k: getattr(lora_config, k) for k in LORA_FUNCTION_KEYS}))
+    return signature
 
 
 class Checkpointer:
@@ -50,6 +62,14 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(serialization.to_state_dict(state)),
             meta=ocp.args.JsonSave(json.loads(json.dumps(meta, default=str)))), force=True)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def delete(self, step: int) -> None:
+        """Removes checkpoint `step` (after any save in flight is complete)."""
+        self.manager.wait_until_finished()
+        self.manager.delete(step)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -78,3 +98,18 @@ def _check_signature(saved: dict, expected: dict, where: Path) -> None:
         if saved_tr.get(key) != now_tr.get(key):
             raise ResumeError(f"checkpoint {where} has another LoRA shape: {key} is {saved_tr.get(key)} there, "
                               f"{now_tr.get(key)} in this run (rank, targets or modules_to_save changed?)")
+    # checkpoints from before these entries existed have neither: nothing to compare
+    saved_lora, now_lora = saved.get("lora"), expected.get("lora")
+    if saved_lora is not None and now_lora is not None:
+        for key in LORA_FUNCTION_KEYS:
+            if key in saved_lora and saved_lora[key] != now_lora.get(key):
+                raise ResumeError(f"checkpoint {where} was trained with lora.{key}={saved_lora[key]!r}, this run has "
+                                  f"lora.{key}={now_lora.get(key)!r}: that changes the model's function; set it back "
+                                  f"(or use a new train.output_dir)")
+    saved_scale, now_scale = saved.get("scale"), expected.get("scale")
+    if saved_scale is not None and now_scale is not None:
+        for key in sorted(set(saved_scale) & set(now_scale)):
+            if saved_scale[key] != now_scale[key]:
+                raise ResumeError(f"checkpoint {where} has another LoRA scale: {key} is scaled by {saved_scale[key]} "
+                                  f"there, {now_scale[key]} in this run (lora_alpha, use_rslora or alpha_pattern "
+                                  f"changed?)")

@@ -80,6 +80,9 @@ class LoraConfig:
     def __post_init__(self):
         if self.r <= 0:
             raise LoraConfigError(f"r must be positive, got {self.r}")
+        if not self.lora_alpha > 0:  # 0 trains (and exports) an adapter that changes nothing
+            raise LoraConfigError(f"lora_alpha must be positive (the adapter's scale is lora_alpha / r), "
+                                  f"got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise LoraConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.init_lora_weights not in INIT_METHODS:

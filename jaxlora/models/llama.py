@@ -16,32 +16,30 @@ function inputs and the frozen kernel never receives a weight gradient. The forw
 and never forms `W + s*a@b`; for LoRA-GA the kernel stays the loaded W0 and the branch computes
 `x @ (a@b - a0@b0)` (zero at step 0), with dropout on that whole update (`LoraDense._lora_branch`).
 
-Generation passes a KV cache (`init_cache`: (layers, B, S, kv_heads, head_dim) keys and values, scanned with the
-layers): the new tokens' keys/values are written at slot `cache_index` and attention runs over all S slots under a
-(B, S) slot mask. With `cache=None` (training, evaluation) the forward is exactly the one above.
+Generation passes a KV cache (`common.init_kv_cache`: (layers, B, S, kv_heads, head_dim) keys and values, scanned
+with the layers): the new tokens' keys/values are written at slot `cache_index` and attention runs over all S slots
+under a (B, S) slot mask. With `cache=None` (training, evaluation) the forward is exactly the one above.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxlora import sharding
 from jaxlora.io.hf_checkpoint import NameRule, NameTable
-from jaxlora.models.common import (Family, LayerPart, LayerStack, LoraDense, ModelRoot, RMSNorm, causal_padding_mask,
-                                   scanned_layers, supported_architecture)
+from jaxlora.models.common import (KV_CACHE_AXES, Family, GatedMLP, LayerPart, LayerStack, LoraDense, ModelRoot,
+                                   RMSNorm, RopeAttention, cached_causal_mask, causal_padding_mask, init_kv_cache,
+                                   rope_cos_sin, rope_from_hf, scanned_layers, supported_architecture)
+from jaxlora.models.common import rope_inv_freq  # noqa: F401  (moved to common; kept importable from here)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # A config.json without "architectures" names its variant by model_type.
 ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                               "qwen2": "Qwen2ForCausalLM"}
-_ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,12 +71,7 @@ class LlamaConfig:
         arch = supported_architecture(hf, SUPPORTED_ARCHITECTURES, where, ARCHITECTURE_OF_MODEL_TYPE)
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in _ROPE_TYPES:
-            raise ValueError(f"{where}: rope type {rope_type!r} is not supported; supported: {_ROPE_TYPES}")
-        rope = {} if rope_type == "default" else {**rope, "rope_type": rope_type}
+        theta, rope_scaling = rope_from_hf(hf, where)
         heads = hf["num_attention_heads"]
         is_qwen = arch == "Qwen2ForCausalLM"
         window = hf.get("sliding_window")
@@ -92,8 +85,7 @@ class LlamaConfig:
             intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
             num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-            rope_scaling=tuple(sorted(rope.items())),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=rope_scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=True if is_qwen else bool(hf.get("attention_bias", False)),
@@ -111,77 +103,6 @@ class LlamaConfig:
         return self.num_hidden_layers * per_layer + self.vocab_size * d + d + head
 
 
-def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
-    """Rotary inverse frequencies, with HF's 'linear' and 'llama3' scalings (float64, then float32 like HF)."""
-    dim = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
-    scaling = dict(cfg.rope_scaling)
-    kind = scaling.get("rope_type", "default")
-    if kind == "linear":
-        inv = inv / scaling["factor"]
-    elif kind == "llama3":
-        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
-        low_wavelen, high_wavelen = old_len / low, old_len / high
-        wavelen = 2 * math.pi / inv
-        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        inv = np.where(is_medium, smoothed, scaled)
-    return inv.astype(np.float32)
-
-
-def rope_cos_sin(positions_BxT: jax.Array, cfg: LlamaConfig) -> tuple[jax.Array, jax.Array]:
-    freqs_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(cfg))[None, None, :]
-    emb_BxTxH = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)
-    return jnp.cos(emb_BxTxH), jnp.sin(emb_BxTxH)
-
-
-def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array) -> jax.Array:
-    """HF's rotate-half layout: no q/k permutation is needed for HF checkpoints."""
-    half = x_BxTxNxH.shape[-1] // 2
-    rotated = jnp.concatenate([-x_BxTxNxH[..., half:], x_BxTxNxH[..., :half]], axis=-1)
-    cos, sin = cos_BxTxH[:, :, None, :], sin_BxTxH[:, :, None, :]
-    return (x_BxTxNxH * cos + rotated * sin).astype(x_BxTxNxH.dtype)
-
-
-class Attention(LayerPart):
-    @nn.compact
-    def __call__(self, x_BxTxD, cos, sin, mask_Bx1xTxT, lora, cache=None, cache_index=None):
-        c, lora = self.cfg, lora or {}
-        n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        b, t, _ = x_BxTxD.shape
-
-        def proj(features, axes, bias, name, x):
-            layer = LoraDense(features, axes, bias, self.dtype, self.param_dtype, self.deterministic, name=name)
-            return layer(x, lora.get(name))
-
-        q = proj(n * h, ("embed", "heads"), c.qkv_bias, "q_proj", x_BxTxD).reshape(b, t, n, h)
-        kk = proj(k * h, ("embed", "kv_heads"), c.qkv_bias, "k_proj", x_BxTxD).reshape(b, t, k, h)
-        v = proj(k * h, ("embed", "kv_heads"), c.qkv_bias, "v_proj", x_BxTxD).reshape(b, t, k, h)
-        q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
-        if cache is None:
-            out = jax.nn.dot_product_attention(q, kk, v, mask=mask_Bx1xTxT, implementation=self.attention_impl)
-        else:  # decoding: write this step's keys/values at slot cache_index, attend over every slot (masked)
-            kk, v = _cache_write(cache, kk, v, cache_index)
-            cache = {"k": kk, "v": v}
-            out = jax.nn.dot_product_attention(q, kk, v, mask=mask_Bx1xTxT, implementation="xla")
-        out = proj(c.hidden_size, ("heads", "embed"), c.o_bias, "o_proj", out.reshape(b, t, n * h))
-        return out if cache is None else (out, cache)
-
-
-class MLP(LayerPart):
-    @nn.compact
-    def __call__(self, x_BxTxD, lora):
-        c, lora = self.cfg, lora or {}
-        dense = lambda f, axes, name, x: LoraDense(f, axes, c.mlp_bias, self.dtype, self.param_dtype,
-                                                   self.deterministic, name=name)(x, lora.get(name))
-        gate = dense(c.intermediate_size, ("embed", "mlp"), "gate_proj", x_BxTxD)
-        up = dense(c.intermediate_size, ("embed", "mlp"), "up_proj", x_BxTxD)
-        return dense(c.hidden_size, ("mlp", "embed"), "down_proj", nn.silu(gate) * up)
-
-
 class DecoderLayer(LayerPart):
     """One pre-norm decoder layer; scanned over the stacked layer axis (carry = hidden states)."""
 
@@ -190,12 +111,13 @@ class DecoderLayer(LayerPart):
         c, lora = self.cfg, lora or {}
         x_BxTxD = sharding.constrain(x_BxTxD, ("batch", None, None))
         norm = lambda name: RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name=name)
-        attn = Attention(c, self.dtype, self.param_dtype, self.deterministic, self.attention_impl, name="self_attn")
+        attn = RopeAttention(c, self.dtype, self.param_dtype, self.deterministic, self.attention_impl,
+                             name="self_attn")
         attn_out = attn(norm("input_layernorm")(x_BxTxD), cos, sin, mask, lora.get("self_attn"), cache, cache_index)
         if cache is not None:
             attn_out, cache = attn_out
         h = x_BxTxD + attn_out
-        mlp = MLP(c, self.dtype, self.param_dtype, self.deterministic, name="mlp")
+        mlp = GatedMLP(c, self.dtype, self.param_dtype, self.deterministic, use_bias=c.mlp_bias, name="mlp")
         return h + mlp(norm("post_attention_layernorm")(h), lora.get("mlp")), cache
 
 
@@ -220,35 +142,6 @@ class LlamaModel(LayerStack):
         x, cache = layers(c, self.dtype, self.param_dtype, self.deterministic, self.attention_impl,
                           name="layers")(x, lora.get("layers"), cos, sin, mask, cache, cache_index)
         return RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x), embed, cache
-
-
-def cached_causal_mask(cache_mask_BxS: jax.Array, t: int, cache_index, sliding_window: int | None) -> jax.Array:
-    """(B, 1, T, S) boolean for T new tokens at cache slots cache_index..cache_index+T-1: each sees the filled,
-    non-padding slots up to its own (and within the window). Slots are contiguous per row, so slot distance is
-    position distance for every real token."""
-    s = cache_mask_BxS.shape[1]
-    i, j = cache_index + jnp.arange(t)[:, None], jnp.arange(s)[None, :]
-    allowed_TxS = j <= i
-    if sliding_window is not None:
-        allowed_TxS &= (i - j) < sliding_window
-    return allowed_TxS[None, None] & cache_mask_BxS.astype(bool)[:, None, None, :]
-
-
-def _cache_write(cache, k_BxTxKxH, v_BxTxKxH, cache_index):
-    """The layer's cache (B, S, K, H) with T new keys/values written from slot cache_index."""
-    start = (0, cache_index, 0, 0)
-    k = jax.lax.dynamic_update_slice(cache["k"], k_BxTxKxH.astype(cache["k"].dtype), start)
-    v = jax.lax.dynamic_update_slice(cache["v"], v_BxTxKxH.astype(cache["v"].dtype), start)
-    return k, v
-
-
-def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype) -> dict:
-    """Zeroed KV cache {"k", "v"}: (layers, B, S, kv_heads, head_dim) each, and its logical axes."""
-    shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-
-
-CACHE_AXES = ("layers", "batch", "seq", "kv_heads", None)
 
 
 class LlamaForCausalLM(ModelRoot):
@@ -291,4 +184,4 @@ LLAMA_NAMES = NameTable(rules=(
 FAMILY = Family(
     name="llama", config_cls=LlamaConfig, module_cls=LlamaForCausalLM, names=LLAMA_NAMES,
     architectures=SUPPORTED_ARCHITECTURES, model_types=tuple(ARCHITECTURE_OF_MODEL_TYPE),
-    default_targets=("q_proj", "v_proj"), init_cache=init_cache, cache_axes=CACHE_AXES)
+    default_targets=("q_proj", "v_proj"), init_cache=init_kv_cache, cache_axes=KV_CACHE_AXES)

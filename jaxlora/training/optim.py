@@ -46,6 +46,9 @@ class OptimConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0 <= self.warmup_ratio < 1 or self.warmup_steps < 0:
             raise ValueError("warmup_steps must be >= 0 and warmup_ratio in [0, 1)")
+        for name in ("b1", "b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.loraplus_lr_ratio <= 0:
             raise ValueError(f"loraplus_lr_ratio must be positive, got {self.loraplus_lr_ratio}")
 

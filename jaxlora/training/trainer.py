@@ -7,8 +7,12 @@ shardings and the jitted step), then runs the step with a progress bar, JSONL me
 checkpoints. Resuming from the latest checkpoint in output_dir is exact: the
 data order is a pure function of the step, and the RNG and optimizer state are restored.
 
-A non-finite loss stops the run before any checkpoint is written for that step, naming the step and the last good
-checkpoint. Multi-host: every process runs this same loop on its slice of each global batch.
+A checkpoint only holds finite parameters whose next loss is finite when it is known. The loss of step N is the
+loss of the parameters before update N, so: a non-finite loss at step N stops the run before anything is written for
+step N, and removes the checkpoint of step N - 1 if there is one (those are the parameters that gave that loss); the
+parameters after update N are checked finite (one jitted reduction) before step N is saved. Either stop names the step
+and the last good checkpoint, which a rerun resumes from. Only the final checkpoint's next loss is never known.
+Multi-host: every process runs this same loop on its slice of each global batch.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 from jaxlora import lora as lora_lib, sharding
 from jaxlora.config import RunConfig
@@ -154,6 +159,25 @@ class Evaluator:
         return out
 
 
+def log_optim_changes(saved: dict | None, now, step: int) -> None:
+    """A resume with other optimizer settings than the checkpoint's is allowed (it changes how training goes on, not
+    the model's function) but said, naming each key's old and new value."""
+    if not saved:
+        return  # a checkpoint from before the optimizer config was recorded
+    current = json.loads(json.dumps(dataclasses.asdict(now), default=str))
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            log.warning("resuming at step %d with optim.%s=%r; the checkpoint was trained with optim.%s=%r", step, key,
+                        current.get(key), key, saved.get(key))
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """Whether every leaf of `tree` is finite everywhere: one reduction, one scalar to the host."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]
+    return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
+
+
 def train(config: RunConfig) -> TrainResult:
     """Fine-tunes `config.model.path` with LoRA on `config.data`; returns where the outputs went and the losses."""
     tc = config.train
@@ -199,12 +223,13 @@ def train(config: RunConfig) -> TrainResult:
         evaluator = (Evaluator(model, config, tokenizer, eval_data, training.eval_step) if eval_data is not None
                      else None)
 
-        signature = ckpt_lib.state_signature(model.config, state)
+        signature = ckpt_lib.state_signature(model.config, state, config.lora)
         start = 0
         if resuming:
             start = checkpointer.latest_step()
-            state, _ = checkpointer.restore(start, state, signature)
+            state, saved_meta = checkpointer.restore(start, state, signature)
             log.info("resumed from %s at step %d", checkpointer.directory, start)
+            log_optim_changes(saved_meta.get("optim"), config.optim, start)
 
         n_lora = lora_lib.num_lora_params(state.trainable["lora"])
         log.info("training %d steps (%d/epoch) of %d examples x %d tokens max; LoRA params %.2fM (%.3f%% of base), "
@@ -216,7 +241,8 @@ def train(config: RunConfig) -> TrainResult:
             peak = measure_peak_flops() * jax.process_count() if jax.default_backend() == "cpu" else None
         logger = stack.enter_context(contextlib.closing(MetricsLogger(
             out, total_steps, start, tc.progress_bar, tc.tensorboard, peak_flops=peak, log_every=tc.log_every)))
-        meta = {"signature": signature, "config_path": str(out / "config.yaml"), "model": config.model.path}
+        meta = {"signature": signature, "config_path": str(out / "config.yaml"), "model": config.model.path,
+                "optim": dataclasses.asdict(config.optim)}
 
         losses: list[float] = []
         pending = None  # metrics of the step in flight: fetched after the next dispatch, so the host never stalls XLA
@@ -224,12 +250,23 @@ def train(config: RunConfig) -> TrainResult:
         last_good = start if start else None
         executables: dict[tuple, tuple] = {}  # batch shape -> (compiled step, its FLOPs): bounded by the buckets
 
+        def stop(reason: str):
+            raise TrainingError(f"{reason}; stopped. Last good checkpoint: "
+                                + (f"step {last_good} in {checkpointer.directory}" if last_good is not None
+                                   else "none (no checkpoint with finite parameters and loss was saved)"))
+
         def finish(step_done: int, metrics, tokens: int, flops):
+            nonlocal last_good
             loss = float(metrics["loss"])
             if not math.isfinite(loss):
-                raise TrainingError(f"loss is {loss} at step {step_done}; stopped. Last good checkpoint: "
-                                    + (f"step {last_good} in {checkpointer.directory}" if last_good is not None
-                                       else "none (no checkpoint was saved before this step)"))
+                reason = f"loss is {loss} at step {step_done}"
+                if last_good is not None and last_good == step_done - 1:  # that checkpoint's parameters gave the loss
+                    checkpointer.delete(last_good)
+                    reason += f" (the loss of the parameters checkpointed at step {last_good}: that checkpoint was " \
+                              f"removed)"
+                    older = [s for s in checkpointer.all_steps() if s < last_good]
+                    last_good = older[-1] if older else None
+                stop(reason)
             losses.append(loss)
             logger.log_step(step_done, {k: float(v) for k, v in metrics.items()}, tokens, flops)
 
@@ -253,6 +290,9 @@ def train(config: RunConfig) -> TrainResult:
             if save_now or eval_now:  # never checkpoint (or evaluate) a step whose loss is unchecked
                 finish(*pending)
                 pending = None
+            if save_now and not bool(all_finite(state.trainable)):
+                stop(f"the parameters are not finite after step {done} (its loss, of the parameters before it, was "
+                     f"{losses[-1]:.4g}); step {done} was not saved")
             if eval_now:
                 eval_metrics = evaluator(params, training.adapters(state))
                 logger.log_eval(done, **eval_metrics)
@@ -290,7 +330,8 @@ def restore_adapters(config: RunConfig, model: Model, step: int | None = None):
         step = checkpointer.latest_step() if step is None else step
         if step is None:
             raise ckpt_lib.ResumeError(f"no checkpoint in {checkpointer.directory}")
-        state, _ = checkpointer.restore(step, training.state, ckpt_lib.state_signature(model.config, training.state))
+        state, _ = checkpointer.restore(step, training.state,
+                                        ckpt_lib.state_signature(model.config, training.state, config.lora))
     finally:
         checkpointer.close()
     return training.adapters(state), step
