@@ -47,10 +47,6 @@ class Training(NamedTuple):
         state = self.state if state is None else state
         return step_lib.adapters(state.trainable, state.frozen)
 
-    @property
-    def adapter_shardings(self) -> dict:
-        return step_lib.adapters(self.state_shardings.trainable, self.state_shardings.frozen)
-
 
 def initial_lora(model, config, rng, *, lora_ga_batches=None, template: bool = False, progress: bool = False):
     """The LoRA tree a run starts from: PEFT's init, or LoRA-GA's (estimated on `lora_ga_batches`), or with `template`

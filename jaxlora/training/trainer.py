@@ -129,19 +129,13 @@ class Evaluator:
     """Held-out metrics of a run: the loss, and for data with `label_words` the accuracy of picking the label word the
     decoder finds most probable (`jaxlora.tasks.t5_glue`: every class scored, normalized over the classes)."""
 
-    def __init__(self, model: Model, config: RunConfig, tokenizer, eval_data, eval_step=None, adapter_shardings=None):
-        """`eval_step`/`adapter_shardings` from the run's `build_training` (default: jit without fixed shardings)."""
+    def __init__(self, model: Model, config: RunConfig, tokenizer, eval_data, eval_step=None):
+        """`eval_step`: the run's (`build_training`'s, with fixed shardings); default: jit without fixed shardings."""
         self.mesh, self.max_batches = model.mesh, config.train.eval_batches
         self.loader = make_loader(config, eval_data, tokenizer, config.train.micro_batch_size)
-        if adapter_shardings is not None:
-            batch_sh, rep = sharding.batch_sharding(model.mesh), sharding.replicated(model.mesh)
-            jit = lambda f: jax.jit(f, in_shardings=(model.param_shardings, adapter_shardings, batch_sh),
-                                    out_shardings=rep)
-        else:
-            jit = jax.jit
-        self.loss_fn = eval_step or jit(step_lib.make_eval_step(model))
+        self.loss_fn = eval_step or jax.jit(step_lib.make_eval_step(model))
         self.label_ids = data_lib.label_word_ids(config.data, tokenizer) if config.data.label_words else None
-        self.accuracy_fn = jit(t5_glue.make_accuracy_step(model, self.label_ids)) if self.label_ids else None
+        self.accuracy_fn = jax.jit(t5_glue.make_accuracy_step(model, self.label_ids)) if self.label_ids else None
 
     def __call__(self, params, adapters) -> dict:
         """Held-out metrics of the model with `adapters` ({"lora", "full"}, as `Training.adapters` joins them)."""
