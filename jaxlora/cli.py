@@ -4,7 +4,7 @@
     jaxlora eval   --config configs/smollm2_135m_cpu.yaml [--step N | --base]
     jaxlora export --config configs/smollm2_135m_cpu.yaml --out merged/ [--step N] [--format merged|peft]
     jaxlora import-peft --model DIR --adapter DIR          (validates a PEFT adapter against a model, prints a summary)
-    jaxlora plan --config configs/X.yaml --target v5p-32 [--slices 2] [--set ...]   (or: jaxlora plan --table)
+    jaxlora plan --config configs/X.yaml --target v5p-32|h100x8 [--slices 2] [--set ...]   (or: jaxlora plan --table)
     jaxlora generate --model DIR [--adapter DIR] --prompt "..." [--prompt ...] [--max-new-tokens N] [--chat]
 
 Errors a user can cause (bad config, data, model folder, checkpoint) end in one line on stderr and exit code 2.
@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import json
 import logging
+import os
 import sys
 
 from jaxlora.backends import skip_tpu_backend_without_tpu
@@ -34,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         if name != "train":
             c.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+        else:
+            c.add_argument("--resume-step", type=int, default=None, metavar="N",
+                           help="resume from the checkpoint of step N instead of the newest (newer checkpoints are "
+                                "moved to <output_dir>/superseded-checkpoints/)")
         if name == "eval":
             c.add_argument("--base", action="store_true", help="evaluate the base model without the adapter")
         if name == "export":
@@ -57,17 +62,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--chat", action="store_true", help="wrap each prompt with the tokenizer's chat template")
     c.add_argument("--dtype", default="float32", help="compute dtype, e.g. bfloat16")
+    c.add_argument("--quantization", choices=("int8", "nf4"), default=None,
+                   help="hold the base's layer kernels quantized (QLoRA's nf4, or int8), as a quantized run trained")
     c.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    c = sub.add_parser("plan", help="AOT-compile the train step and LoRA-GA estimation for a TPU topology: memory, "
+    c = sub.add_parser("plan", help="AOT-compile the train step and LoRA-GA estimation for a TPU topology or a GPU "
+                                    "host: memory, "
                                     "fit, FLOPs, largest micro-batch (no weights, no accelerator needed)")
     from jaxlora.plan import add_plan_arguments
     add_plan_arguments(c)
     return p
-
-
-def _train_lib():
-    """The training-loop module, imported lazily so `jaxlora --help` stays fast."""
-    return importlib.import_module("jaxlora.training.trainer")
 
 
 def _load_adapter(model, adapter_dir):
@@ -89,7 +92,7 @@ def _import_peft(args) -> None:
 def _generate(args) -> None:
     from jaxlora.generation import generate
     from jaxlora.models.model import from_pretrained
-    model = from_pretrained(args.model, args.dtype)
+    model = from_pretrained(args.model, args.dtype, quantization=args.quantization)
     lora, params = None, model.params
     if args.adapter:
         lora, _, params = _load_adapter(model, args.adapter)
@@ -98,17 +101,6 @@ def _generate(args) -> None:
                      chat=args.chat)
     for prompt, text in zip(args.prompt, texts):
         print(json.dumps({"prompt": prompt, "completion": text}))
-
-
-def export_peft_run(config, out_dir, step=None, overwrite: bool = False):
-    """A run's checkpoint as a PEFT adapter folder for the original base model."""
-    from jaxlora import sharding
-    from jaxlora.io.peft import export_peft
-    train_lib = _train_lib()
-    model = train_lib.load_model(config, sharding.make_mesh(config.mesh))
-    trainable, _ = train_lib.restore_adapters(config, model, step)
-    return export_peft(model, trainable["lora"], config.lora, out_dir, modules_to_save=trainable["full"],
-                       overwrite=overwrite)
 
 
 @contextlib.contextmanager
@@ -130,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file operation at INFO
+    if not args.verbose:  # a failed checkpoint write: one line from us, not a traceback per orbax thread
+        _quiet_orbax_background_errors()
     with _jaxlora_logging(args.verbose):
         return _run(args)
 
@@ -143,25 +137,74 @@ def _run(args) -> int:
         if args.command in ("import-peft", "generate"):
             (_import_peft if args.command == "import-peft" else _generate)(args)
             return 0
-        train_lib = _train_lib()
         from jaxlora.config import load_run_config
         config = load_run_config(args.config, args.overrides)
         if args.command == "train":
-            result = train_lib.train(config)
+            result = importlib.import_module("jaxlora.training.trainer").train(config, args.resume_step)
             print(f"adapter: {result.adapter_dir}\ncheckpoints: {result.output_dir / 'checkpoints'}\n"
                   f"metrics: {result.output_dir / 'metrics.jsonl'}")
         elif args.command == "eval":
-            print(json.dumps(train_lib.evaluate_run(config, args.step, args.base)))
-        elif args.format == "peft":
-            print(f"PEFT adapter: {export_peft_run(config, args.out, args.step, args.overwrite)}")
+            evaluation = importlib.import_module("jaxlora.training.evaluation")
+            print(json.dumps(evaluation.evaluate_run(config, args.step, args.base)))
         else:
-            print(f"merged model: {train_lib.export_merged(config, args.out, args.step, args.overwrite)}")
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # our error types all derive from these
-        if args.verbose:
-            raise
-        print(f"jaxlora {args.command}: error: {e}", file=sys.stderr)
-        return 2
+            export = importlib.import_module("jaxlora.training.export")
+            write = export.export_peft_run if args.format == "peft" else export.export_merged
+            what = "PEFT adapter" if args.format == "peft" else "merged model"
+            print(f"{what}: {write(config, args.out, args.step, args.overwrite)}")
+    except KeyboardInterrupt:
+        print(f"\njaxlora {args.command}: interrupted (Ctrl-C); nothing half-written is kept", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - sorted below: ours are one line, a full disk is one line, others raise
+        return _report(args, e)
     return 0
+
+
+def _report(args, e: Exception) -> int:
+    """One line on stderr and the exit code for an error a user can act on; anything else propagates."""
+    from jaxlora.training.run_folder import disk_full_message
+    interrupted = getattr(e, "exit_code", None)  # TrainingInterrupted: stopped on a signal after saving
+    full = disk_full_message(e, getattr(args, "out", None) or _output_dir(args))
+    if interrupted is not None or full is not None:
+        print(f"jaxlora {args.command}: {e if full is None else 'error: ' + full}", file=sys.stderr)
+        return interrupted or 2
+    if not isinstance(e, (ValueError, OSError, RuntimeError)) or args.verbose:  # ours derive from these
+        raise e
+    print(f"jaxlora {args.command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+def _orbax_error_record(record: logging.LogRecord) -> bool:
+    """False for an ERROR that orbax logs from its background writer threads; the same error is raised to the
+    checkpoint call, which the trainer lets through and `_report` says in one line (`-v` shows them all)."""
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _unretrieved_task_record(record: logging.LogRecord) -> bool:
+    """False for asyncio's report, at exit, of the abandoned writer tasks of a failed checkpoint write."""
+    return not record.getMessage().startswith(("Task exception was never retrieved", "Future exception was never"))
+
+
+def _quiet_orbax_background_errors() -> None:
+    """A failed write (a full disk) makes orbax log a traceback from each of its writer threads, and asyncio report
+    "Event loop is closed" from callbacks that outlive the loop and, at exit, every abandoned writer task: hundreds of
+    lines around the one that says what happened. Drop those kinds only; every other error and warning shows."""
+    logging.getLogger("absl").addFilter(_orbax_error_record)
+    logging.getLogger("asyncio").addFilter(_unretrieved_task_record)
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+    sys.unraisablehook = hook
+
+
+def _output_dir(args) -> str | None:
+    """The run's output folder, for messages about the disk it is on (None when the config does not load)."""
+    try:
+        from jaxlora.config import load_run_config
+        return load_run_config(args.config, args.overrides).train.output_dir
+    except Exception:  # noqa: BLE001
+        return None
 
 
 if __name__ == "__main__":

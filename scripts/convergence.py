@@ -187,7 +187,7 @@ class Study:
         from jaxlora.training import data as data_lib
         from jaxlora.training import optim
         from jaxlora.training.build import build_training
-        from jaxlora.training.trainer import lora_ga_batches
+        from jaxlora.training.setup import lora_ga_batches
         a = self.args
         warmup = max(1, round(0.05 * a.steps))
         config = RunConfig(lora=self.lora_config(method), data=self.data_cfg,
@@ -211,7 +211,7 @@ class Study:
     # -------------------------------------------------------------------------------------- running
 
     def held_out(self, params, trainable) -> float:
-        from jaxlora.training.trainer import evaluate
+        from jaxlora.training.evaluation import evaluate
         return evaluate(self.eval_fn, params, trainable, self.eval_loader, self.mesh, None)
 
     def advance(self, run: Run, to_step: int, label: str) -> Run:

@@ -57,7 +57,7 @@ def gsm_batches(tokenizer, num_batches: int, batch_size: int, max_length: int, d
                 fixed_length: bool = False) -> list[dict]:
     """The first num_batches * batch_size gsm_symbolic training examples, in order, tokenized as training does
     (prompt "Question: {input}\\nAnswer: " masked, response "{target}" + eos) and padded to the training buckets
-    (powers of two up to max_length; just max_length with fixed_length), as `jaxlora.training.trainer.lora_ga_batches`."""
+    (powers of two up to max_length; just max_length with fixed_length), as `jaxlora.training.setup.lora_ga_batches`."""
     import assets
     from jaxlora.training import data as data_lib
     path = data_path or str(assets.gsm_data_paths()["train"])

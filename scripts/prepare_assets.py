@@ -16,9 +16,9 @@ import assets  # noqa: E402
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["model", "data", "classify", "glue"],
+    parser.add_argument("--only", choices=["model", "data", "classify", "glue", "gemma"],
                         help="prepare only this asset (classify: all-MiniLM-L6-v2 check + sarcasm splits; glue: "
-                             "SST-2/MRPC/RTE validation)")
+                             "SST-2/MRPC/RTE validation; gemma: Gemma-3-270m GGUF -> HF folder, for its parity test)")
     parser.add_argument("--force", action="store_true", help="rebuild even if already cached")
     parser.add_argument("--n-train", type=int, default=2000, help="gsm_symbolic training records")
     args = parser.parse_args(argv)
@@ -39,6 +39,10 @@ def main(argv=None) -> None:
     if args.only in (None, "glue"):
         for task, path in assets.prepare_glue_data(force=args.force).items():
             print(f"data GLUE {task} validation: {path}")
+    if args.only in (None, "gemma"):
+        start = time.perf_counter()
+        path = assets.prepare_gemma3_270m(force=args.force)
+        print(f"model Gemma-3-270m: {path} ({time.perf_counter() - start:.1f} s)")
 
 
 if __name__ == "__main__":

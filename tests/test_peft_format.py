@@ -445,11 +445,9 @@ def test_cli_export_format_peft(folder, model, ids, tmp_path, monkeypatch, capsy
     lora = random_lora(model, cfg, 11)
     full = L.split_modules_to_save(model.params, ["lm_head"])
 
-    class Loop:
-        load_model = staticmethod(lambda config, mesh: model)
-        restore_adapters = staticmethod(lambda config, m, step: ({"lora": lora, "full": full}, 3))
-
-    monkeypatch.setattr(cli, "_train_lib", lambda: Loop)
+    from jaxlora.training import export
+    monkeypatch.setattr(export, "load_model", lambda config, mesh: model)
+    monkeypatch.setattr(export, "restore_adapters", lambda config, m, step: ({"lora": lora, "full": full}, 3))
     run = tmp_path / "run.yaml"
     run.write_text(f"model: {{path: {folder}}}\nlora: {{r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj]}}\n")
     assert cli.main(["export", "--config", str(run), "--format", "peft", "--out", str(tmp_path / "adapter")]) == 0

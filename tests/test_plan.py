@@ -13,7 +13,8 @@ from jaxlora.cli import main
 from jaxlora.config import ModelConfig, RunConfig, TrainConfig
 from jaxlora.training.data import DataConfig
 from jaxlora.lora import LoraConfig
-from jaxlora.sharding import MeshConfig
+from jaxlora.plan import search as search_lib
+from jaxlora.sharding import MeshConfig, make_mesh
 
 TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128, hidden_size=64,
             intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -41,12 +42,17 @@ def test_cpu_plan_reports_memory_fit_and_largest_micro_batch(cpu_report):
     assert t.parts["optimizer"] >= 2 * t.parts["adapters"]
     assert t.flops > 0 and t.flops_xla and t.flops_xla > 0
     assert r.largest is not None and r.largest.fits and r.largest.per_chip == 4  # the search's cap
+    # found by prediction: the line through 1 and 2 rows/chip reaches past the cap, one compile confirms it
+    s = r.largest_search
+    assert s.method == "predicted" and [m for m, _, _ in s.compiled] == [1, 2, 4] and s.capped
+    assert s.line[1] > 0
     for p in (r.lora_ga_exact, r.lora_ga_streaming):  # 4 packed 2-example batches: 1 row per chip
         assert p.fits and p.peak > 0 and p.rows == 8 and p.per_chip == 1 and p.parts["batch"] > 0
     # exact estimation holds a float32 gradient of every adapted kernel; the sketches are rank-q factors
     assert r.lora_ga_exact.parts["accumulators"] > 0 and r.lora_ga_streaming.parts["sketches"] > 0
     text = r.format()
     assert "fits" in text and "largest that fits" in text and "LoRA-GA exact" in text
+    assert "search (predicted): compiled 1, 2, 4/chip (3 compiles)" in text and "the cap 4/chip fits" in text
 
 
 def test_memory_grows_with_micro_batch(cpu_report):
@@ -55,6 +61,51 @@ def test_memory_grows_with_micro_batch(cpu_report):
     assert large.memory.temp > small.memory.temp
     assert large.parts["batch"] == small.parts["batch"] * large.per_chip // small.per_chip
     assert large.flops == pytest.approx(small.flops * large.per_chip / small.per_chip)
+
+
+def _fake_train(peak_of, refused_above=None):
+    """A train step whose compiled peak at m rows/chip is peak_of(m); past `refused_above` the compiler refuses."""
+    def train(m):
+        refused = refused_above is not None and m > refused_above
+        memory = None if refused else plan_lib.Memory(0, 0, 0, int(peak_of(m)), 0)
+        return plan_lib.StepPlan("train", m, m, 32, not refused, memory, {}, 0.0, None, 0.0)
+    return train
+
+
+@pytest.mark.parametrize("curve", ["linear", "convex", "concave", "step", "refused"])
+def test_predicted_search_agrees_with_exhaustive_on_memory_curves(curve):
+    """The prediction finds what compiling every candidate finds, on curves a line only approximates, with fewer
+    compiles; what it did not compile it says it predicted."""
+    peak_of = {"linear": lambda m: 1000 + 100 * m, "convex": lambda m: 1000 + 90 * m + 0.5 * m * m,
+               "concave": lambda m: 1000 + 120 * m - 0.3 * m * m, "step": lambda m: 1000 + 100 * m + 400 * (m > 12),
+               "refused": lambda m: 1000 + 100 * m}[curve]
+    refused = 30 if curve == "refused" else None
+    total_pred = total_exh = 0
+    for budget in range(1150, 6000, 37):
+        exh = search_lib.exhaustive(_fake_train(peak_of, refused), budget, cap=64)
+        pred = search_lib.predicted(_fake_train(peak_of, refused), budget, cap=64)
+        assert pred.largest == exh.largest, (budget, pred, exh)
+        assert peak_of(pred.largest) <= budget
+        assert pred.capped or pred.largest == refused or peak_of(pred.largest + 1) > budget
+        if not pred.next_compiled and not pred.capped:  # predicted by a line through two compiles
+            assert pred.line is not None and pred.next_peak > budget
+        total_pred, total_exh = total_pred + len(pred.compiled), total_exh + len(exh.compiled)
+    assert total_pred < total_exh * 0.7
+
+
+def test_predicted_search_picks_the_exhaustive_micro_batch_on_a_compiled_step():
+    """On the tiny model's compiled train step (cpu8): the same micro-batch as the exhaustive search, in fewer
+    compiles. Both searches share one planner, so each micro-batch compiles once."""
+    tgt = plan_lib.resolve_target("cpu8")
+    planner = plan_lib.Planner(tiny_config(), make_mesh(MeshConfig(), plan_lib.target_devices(tgt)), None,
+                               tgt.hbm_bytes, TINY)
+    one, two = planner.train(1).peak, planner.train(2).peak
+    budget = int(one + 2.5 * (two - one))  # between 3 and 4 rows/chip on the line through 1 and 2
+    exh = search_lib.exhaustive(planner.train, budget, cap=8)
+    pred = search_lib.predicted(planner.train, budget, cap=8)
+    assert pred.largest == exh.largest >= 2
+    assert len(pred.compiled) < len(exh.compiled)
+    assert pred.next_peak > budget >= planner.train(pred.largest).peak
 
 
 def test_impossible_budget_says_how_far_over():
@@ -79,6 +130,37 @@ def test_target_names_resolve_to_libtpu_topologies():
     assert plan_lib.resolve_target("v5e-16").topology == plan_lib.resolve_target("v5litepod-16").topology == "v5e:4x4"
     two = plan_lib.resolve_target("v5p-32", num_slices=2)
     assert two.num_devices == 32 and two.hbm_bytes == 95 * plan_lib.GiB
+
+
+def test_gpu_target_names(monkeypatch):
+    """One host's GPUs: N devices, each with XLA's pool (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75) of its memory."""
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    h = plan_lib.resolve_target("h100x8")
+    assert (h.platform, h.chip, h.topology, h.num_devices) == ("cuda", "h100", "1x1x8", 8)
+    assert h.hbm_bytes == int(0.75 * h.total_bytes) and "0.75 of" in h.describe()
+    a = plan_lib.resolve_target("a100-40gb")
+    assert a.num_devices == 1 and a.total_bytes == 40 * plan_lib.GiB
+    assert plan_lib.resolve_target("h100-80gbx2").chip == "h100"
+    for bad in ("h100x9", "h100x0"):
+        with pytest.raises(plan_lib.PlanError, match="1 to 8 GPUs"):
+            plan_lib.resolve_target(bad)
+    with pytest.raises(plan_lib.PlanError, match="one host"):
+        plan_lib.resolve_target("h100x8", num_slices=2)
+
+
+def test_gpu_plan_compiles_for_a_described_gpu_without_one(monkeypatch):
+    """The CUDA PJRT plugin compiles for a GPU it is only told about (no GPU, driver or CUDA libraries): the same
+    train step, per-GPU memory against XLA's pool. Without the plugin the target says what to install."""
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    if not plan_lib.cuda_plugin_installed():
+        with pytest.raises(plan_lib.PlanError, match="cuda12-local"):
+            plan_lib.target_devices(plan_lib.resolve_target("h100x4"))
+        pytest.skip(f"CUDA PJRT plugin not installed ({plan_lib.CUDA_PIP}): GPU compilation not tested")
+    r = plan_lib.plan(tiny_config(), "h100x4", hf_config=TINY, micro_batch=1, max_micro_batch=2, lora_ga_steps=False)
+    assert r.target.platform == "cuda" and r.mesh == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert r.train.fits and r.train.peak > r.train.parts["weights"] > 0 and r.train.memory.temp > 0
+    assert r.largest.per_chip == 2 and r.largest.memory.temp > r.train.memory.temp
+    assert r.hbm_bytes == int(0.75 * plan_lib.GPUS["h100"][-1])
 
 
 def test_mesh_that_does_not_divide_the_devices():
@@ -118,9 +200,11 @@ def test_tiny_model_on_tiny_tpu_topology():
     assert r.train.fits and r.train.peak > r.train.parts["weights"] > 0
     assert r.lora_ga_exact.fits and r.lora_ga_streaming.fits
     # far beyond a v5e chip's 16 GiB: the TPU compiler refuses (RESOURCE_EXHAUSTED) and the plan says by how much
+    # (a request that does not fit is searched below it anyway: capped at 1/chip here, one compile)
     big = plan_lib.plan(tiny_config(), "v5e-4", hf_config=TINY, micro_batch=2 ** 20, search=False,
-                        lora_ga_steps=False)
+                        lora_ga_steps=False, max_micro_batch=1)
     assert not big.train.fits and big.train.memory is None and big.train.over_bytes > 0
+    assert big.largest.per_chip == 1 and big.largest.fits
 
 
 def test_optimizer_offload_moves_state_to_host_on_tpu():

@@ -23,7 +23,7 @@ from jaxlora import sharding
 import assets
 from jaxlora.training import data as data_lib
 from jaxlora.tasks import t5_glue
-from jaxlora.training import trainer
+from jaxlora.training import evaluation, export, setup, trainer
 from jaxlora.io.configfile import load_config
 from jaxlora.config import RunConfig
 from jaxlora.training.data import DataConfig, DataError
@@ -205,14 +205,14 @@ def test_logged_accuracy_equals_single_device_scoring(sst2_run, tok):
     872 real SST-2 validation sentences encoded independently (t5_glue.encode, padding to the longest)."""
     config, result = sst2_run
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
-    model = trainer.load_model(config, mesh)
-    trainable, step = trainer.restore_adapters(config, model)
+    model = setup.load_model(config, mesh)
+    trainable, step = export.restore_adapters(config, model)
     params = model.params
     import datasets
     records = list(datasets.load_from_disk(str(assets.glue_validation_path("sst2"))))
     assert len(records) == 872
     enc = t5_glue.encode(tok, "sst2", records, max_length=config.data.max_length)
-    words = data_lib.label_word_ids(trainer.resolve_data_layout(config, model).data, tok)
+    words = data_lib.label_word_ids(setup.resolve_data_layout(config, model).data, tok)
     batches = [{k: v[i:i + 64] for k, v in enc.items()} for i in range(0, 872, 64)]
     ref = t5_glue.evaluate(model, params, batches, words, lora=trainable["lora"])
     assert step == 24
@@ -220,7 +220,7 @@ def test_logged_accuracy_equals_single_device_scoring(sst2_run, tok):
           f"{ref['accuracy']:.4f}")
     assert abs(ref["accuracy"] - result.eval_accuracy) < 0.5 / 872, (ref["accuracy"], result.eval_accuracy)
     # and evaluate_run (`jaxlora eval`) reproduces the in-training figures from the checkpoint
-    again = trainer.evaluate_run(config)
+    again = evaluation.evaluate_run(config)
     assert again["eval_accuracy"] == pytest.approx(result.eval_accuracy, abs=0.5 / 872)
     assert again["eval_loss"] == pytest.approx(result.eval_loss, rel=1e-5)
 

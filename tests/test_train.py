@@ -33,7 +33,7 @@ from jaxlora.training import data as data_lib
 from jaxlora import sharding
 from jaxlora.training import optim
 from jaxlora.training import step as step_lib
-from jaxlora.training import trainer as train_lib
+from jaxlora.training import evaluation, export, setup, trainer as train_lib
 from jaxlora.config import RunConfig, TrainConfig, load_run_config
 from jaxlora.lora import LoraConfig
 from jaxlora.models.model import from_pretrained
@@ -363,7 +363,7 @@ def test_compiles_once_per_bucket_and_truncates(assets, tmp_path, caplog):
     tokenizer = AutoTokenizer.from_pretrained(assets / "model")
     untruncated = data_lib.load_tokenized(data_lib.DataConfig(path=str(data), max_length=1024), tokenizer)
     n_long = int((untruncated.lengths > MAX_LEN).sum())
-    loader = train_lib.make_loader(cfg, data_lib.load_tokenized(cfg.data, tokenizer), tokenizer, 8)
+    loader = setup.make_loader(cfg, data_lib.load_tokenized(cfg.data, tokenizer), tokenizer, 8)
     lengths = {loader.batch(s)["input_ids"].shape[1] for s in range(6)}
     assert n_long >= 3 and len(lengths) >= 2, (n_long, lengths)  # the test data must exercise both features
     assert lengths <= {16, 24, 32}  # every batch is padded to a bucket
@@ -373,7 +373,10 @@ def test_compiles_once_per_bucket_and_truncates(assets, tmp_path, caplog):
     assert len(result.losses) == 6 and np.all(np.isfinite(result.losses))
     assert result.compiles <= len(lengths)
     assert compiles["n"] == result.compiles == len(lengths), (compiles["n"], result.compiles, lengths)
-    assert f"{n_long} training examples were longer than max_length={MAX_LEN}" in caplog.text
+    # their prompts alone fill max_length: no labelled token is left, so they are dropped and named (issue 16 item
+    # 10: the warning used to call them "truncated")
+    assert f"{n_long} training examples were dropped: no labelled token within data.max_length={MAX_LEN}" \
+        in caplog.text
 
 
 RESUME = ("lora.lora_dropout=0.1", "optim.schedule=constant", "optim.warmup_steps=10", "train.save_every=4",
@@ -427,9 +430,9 @@ def test_checkpoints_are_adapter_sized_and_rotated(model, resume_runs):
 def test_nan_loss_stops_before_checkpointing(assets, tmp_path, monkeypatch):
     real = step_lib.make_train_step
 
-    def diverging(model, tx, schedule, accum, offloaded_opt_shardings=None):
+    def diverging(model, tx, schedule, accum, offloaded_opt_shardings=None, **options):
         """The real step, whose state turns NaN when it enters step 6 (state.step == 5), a checkpoint step."""
-        step = real(model, tx, schedule, accum, offloaded_opt_shardings)
+        step = real(model, tx, schedule, accum, offloaded_opt_shardings, **options)
 
         def train_step(params, state, batch):
             bad = state.step == 5
@@ -471,7 +474,7 @@ def test_resume_refuses_other_lora_alpha_and_logs_other_optimizer(assets, resume
     with pytest.raises(ckpt_lib.ResumeError, match=r"lora\.lora_alpha=8\.0, this run has lora\.lora_alpha=16\.0"):
         train_lib.train(run_config(assets, tmp_path / "alpha", *RESUME, "train.max_steps=12", "lora.lora_alpha=16"))
     with pytest.raises(ckpt_lib.ResumeError, match=r"lora\.lora_alpha=8\.0, this run has lora\.lora_alpha=16\.0"):
-        train_lib.restore_adapters(run_config(assets, tmp_path / "alpha", *RESUME, "lora.lora_alpha=16"),
+        export.restore_adapters(run_config(assets, tmp_path / "alpha", *RESUME, "lora.lora_alpha=16"),
                                    from_pretrained(assets / "model"))  # eval/export of the run too
 
     shutil.copytree(src, tmp_path / "lr" / "checkpoints")
@@ -511,10 +514,10 @@ def test_divergence_keeps_only_good_checkpoints(assets, tmp_path, lr, warmup, st
     named = re.search(r"Last good checkpoint: step (\d+)", message)
     if named is not None:  # the checkpoint the stop names, restored: finite parameters and a finite loss
         good = int(named.group(1))
-        model = train_lib.load_model(cfg, sharding.make_mesh(cfg.mesh))
-        adapters, step = train_lib.restore_adapters(cfg, model, good)
+        model = setup.load_model(cfg, sharding.make_mesh(cfg.mesh))
+        adapters, step = export.restore_adapters(cfg, model, good)
         assert step == good and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(adapters)), message
-        evaluated = train_lib.evaluate_run(dataclasses.replace(cfg, data=dataclasses.replace(
+        evaluated = evaluation.evaluate_run(dataclasses.replace(cfg, data=dataclasses.replace(
             cfg.data, eval_path=str(assets / "train.jsonl"))), good)
         assert evaluated["step"] == good and np.isfinite(evaluated["eval_loss"]), (evaluated, message)
     assert re.search(stop, message), message

@@ -305,9 +305,9 @@ def load_config(cls: type[T], path: str | os.PathLike | None, overrides: Sequenc
 
 
 def dump_config(obj: Any, path: str | os.PathLike) -> None:
-    """Write the resolved config ``obj`` as YAML (kept next to a run's outputs to reproduce it)."""
+    """Write the resolved config ``obj`` as YAML (kept next to a run's outputs to reproduce it), atomically."""
+    from jaxlora.io.atomic import write_atomically
     parent = os.path.dirname(os.fspath(path))
     if parent:
         os.makedirs(parent, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(to_dict(obj), f, sort_keys=False, default_flow_style=False)
+    write_atomically(path, yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=False))

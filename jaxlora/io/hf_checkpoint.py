@@ -160,11 +160,15 @@ def check_keys(table: NameTable, mapping: list[TensorMapping], files: Safetensor
 
 
 def load_params(folder, table: NameTable, abstract_params, shardings, num_layers: int,
-                init_missing: Callable[[list[tuple[str, ...]]], dict] | None = None):
+                init_missing: Callable[[list[tuple[str, ...]]], dict] | None = None,
+                quantized: dict[tuple[str, ...], Callable] | None = None):
     """Reads a HF safetensors folder into a param tree placed directly into `shardings`.
 
     Params the table marks optional whose tensors are all absent come from `init_missing(paths)` (a flat
-    {path: array}); without it they are missing weights like any other.
+    {path: array}); without it they are missing weights like any other. A param in `quantized` is built by its
+    `place(hf_keys, read)`, where `read(key, sharding)` puts one HF tensor (in our layout, float32) into `sharding`:
+    `jaxlora.quant` quantizes layer by layer there (`abstract_params` then holds its QArray, whose .shape is the
+    dense one and is checked like any other).
     """
     files = SafetensorsFolder(folder)
     mapping = plan_mapping(table, abstract_params, num_layers)
@@ -188,7 +192,10 @@ def load_params(folder, table: NameTable, abstract_params, shardings, num_layers
                 raise CheckpointError(f"{folder}/{files.file_of(key)}: {key} has shape {shape}, the model "
                                       f"expects {tuple(per_layer[::-1]) if m.transpose else tuple(per_layer)} "
                                       f"(check config.json)")
-        out[m.path] = _place(files, m, target, flat_shard[m.path])
+        if quantized and m.path in quantized:
+            out[m.path] = quantized[m.path](m.hf_keys, lambda key, sh, m=m: _place_one(files, key, m.transpose, sh))
+        else:
+            out[m.path] = _place(files, m, target, flat_shard[m.path])
     if absent:
         out.update(init_missing([m.path for m in absent]))
     return traverse_util.unflatten_dict(out)
@@ -209,6 +216,16 @@ def _place(files: SafetensorsFolder, m: TensorMapping, target, sharding) -> jax.
         return np.stack([read(m.hf_keys[i], index[1:]) for i in layers])
 
     return jax.make_array_from_callback(target.shape, sharding, callback)
+
+
+def _place_one(files: SafetensorsFolder, key: str, transpose: bool, sharding) -> jax.Array:
+    """One HF tensor (transposed to our layout) as float32 in `sharding`, each device reading its slice."""
+    shape = files.shape(key)[::-1] if transpose else files.shape(key)
+
+    def callback(index):
+        t = files.get(key)
+        return np.asarray((t.T if transpose else t)[index], dtype=np.float32)
+    return jax.make_array_from_callback(tuple(shape), sharding, callback)
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -280,6 +297,9 @@ def atomic_folder(out_dir: str | os.PathLike, write: Callable[[Path], None], ove
         raise CheckpointError(f"cannot create the output folder {out}: {e.strerror or e}") from e
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes the folder private (0700); an export is shared like any folder
         if out.exists():
             import shutil
             shutil.rmtree(out)

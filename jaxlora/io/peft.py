@@ -201,6 +201,9 @@ def read_peft_config(adapter_dir: Path) -> LoraConfig:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PeftFormatError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise PeftFormatError(f"{path}: must hold one JSON object (PEFT's LoraConfig), not a {type(raw).__name__}")
+    _check_types(raw, path)
     if raw.get("peft_type", "LORA") != "LORA":
         raise PeftFormatError(f"{path}: peft_type {raw['peft_type']!r} is not supported (only LORA)")
     if raw.get("use_dora"):
@@ -224,6 +227,46 @@ def read_peft_config(adapter_dir: Path) -> LoraConfig:
             modules_to_save=raw.get("modules_to_save"))
     except (KeyError, ValueError) as e:
         raise PeftFormatError(f"{path}: invalid LoRA config: {e}") from None
+
+
+# adapter_config.json fields read as numbers: (JSON types accepted, what the message says is expected)
+_NUMERIC_FIELDS = {"r": ((int,), "a positive integer"), "lora_alpha": ((int, float), "a number"),
+                   "lora_dropout": ((int, float, type(None)), "a number in [0, 1)")}
+
+
+def _check_types(raw: dict, path: Path) -> None:
+    """Each numeric field of adapter_config.json is a JSON number (PEFT would fail later, deep in its code)."""
+    for field, (types, expected) in _NUMERIC_FIELDS.items():
+        if field in raw and (isinstance(raw[field], bool) or not isinstance(raw[field], types)):
+            raise PeftFormatError(f"{path}: {field} is {raw[field]!r}; expected {expected}")
+    for field in ("rank_pattern", "alpha_pattern"):
+        value = raw.get(field) or {}
+        if not isinstance(value, dict) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                              for v in value.values()):
+            raise PeftFormatError(f"{path}: {field} must map module names to numbers, got {value!r}")
+
+
+class _FiniteTensors:
+    """The adapter's safetensors, refusing any tensor with a NaN or an infinity (checked once per tensor)."""
+
+    def __init__(self, files, where: Path):
+        self.files, self.where, self.checked = files, where, set()
+
+    def keys(self) -> set[str]:
+        return self.files.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.files.shape(key)
+
+    def get(self, key: str) -> np.ndarray:
+        x = self.files.get(key)
+        if key not in self.checked:
+            bad = np.size(x) - np.count_nonzero(np.isfinite(x))
+            if bad:
+                raise PeftFormatError(f"{self.where}: {key} has {bad} non-finite values (NaN or inf); the adapter "
+                                      f"is corrupt or diverged")
+            self.checked.add(key)
+        return x
 
 
 def _check_target_names(model, cfg: LoraConfig, where: Path) -> None:
@@ -344,7 +387,7 @@ def import_peft(model, adapter_dir: str | os.PathLike, *, modules_to_save: bool 
     if not where.is_dir():
         raise PeftFormatError(f"adapter folder {where} does not exist")
     cfg = read_peft_config(where)
-    files = _open_weights(where)
+    files = _FiniteTensors(_open_weights(where), where / WEIGHTS_FILE)
     embed_keys = sorted(k for k in files.keys() if "lora_embedding" in k or "lora_magnitude" in k)
     if embed_keys:
         raise PeftFormatError(f"{where / WEIGHTS_FILE}: {embed_keys[0]}: LoRA on embeddings and DoRA magnitudes "

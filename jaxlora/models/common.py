@@ -14,6 +14,7 @@ scan), so adapters are differentiated as plain function inputs and frozen kernel
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,7 @@ from jaxlora import sharding
 from jaxlora.io.hf_checkpoint import NameTable
 from jaxlora.losses import next_token_loss_sums
 from jaxlora.lora.weights import LoraWeights, low_rank_matmul
+from jaxlora.quant.qarray import QArray, dequantize, is_quantized
 
 REMAT_POLICIES = ("none", "full", "save_matmuls")
 
@@ -108,8 +110,17 @@ ACTIVATIONS = {
 # ------------------------------------------------------------------------------------------ layers
 
 
+@functools.partial(jax.checkpoint, static_argnums=(2,), prevent_cse=False)
+def _quantized_dot(x, kernel: QArray, dtype):
+    """x @ dequantize(kernel), rematerialized: the backward dequantizes the kernel again instead of keeping it, so
+    a scanned stack never holds more than one layer's dense kernel (autodiff would otherwise save every layer's
+    dequantized kernel as a residual for dx = dy @ W^T: the whole model in the compute dtype)."""
+    return jnp.dot(x, dequantize(kernel, dtype))
+
+
 class LoraDense(nn.Module):
-    """A frozen-able dense layer (kernel (in, out)) with an optional LoRA branch passed in as an argument."""
+    """A frozen-able dense layer (kernel (in, out)) with an optional LoRA branch passed in as an argument. The kernel
+    may be quantized (int8 / nf4, `jaxlora.quant`): it is then dequantized to the compute dtype inside the matmul."""
 
     features: int
     kernel_axes: tuple[str, str]
@@ -121,9 +132,11 @@ class LoraDense(nn.Module):
     @nn.compact
     def __call__(self, x, lora: LoraWeights | None = None):
         x = sharding.constrain(x, sharding.activation_axes(x.ndim, self.kernel_axes[0]))
-        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.kernel_axes),
-                            (x.shape[-1], self.features), self.param_dtype)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        kernel = self._kernel(x.shape[-1])
+        if is_quantized(kernel):
+            y = _quantized_dot(x.astype(self.dtype), kernel, jnp.dtype(self.dtype))
+        else:
+            y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[1:]),
                               (self.features,), self.param_dtype)
@@ -131,6 +144,19 @@ class LoraDense(nn.Module):
         if lora is not None:
             y = y + (lora.scale * self._lora_branch(x, lora)).astype(y.dtype)
         return sharding.constrain(y, sharding.activation_axes(y.ndim, self.kernel_axes[1]))
+
+    def _kernel(self, d_in: int):
+        """The kernel (in, out): a quantized one (`jaxlora.quant.QArray`, frozen) where the params hold one, else the
+        dense param (also where a dense kernel is given in place of a quantized one, as LoRA-GA's estimation does)."""
+        if self.has_variable("params", "kernel"):
+            given = self.get_variable("params", "kernel")
+            if is_quantized(given):
+                if given.shape != (d_in, self.features):
+                    raise ValueError(f"{'/'.join(self.scope.path)}: quantized kernel of shape {given.shape}, the "
+                                     f"layer expects {(d_in, self.features)}")
+                return given
+        return self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.kernel_axes),
+                          (d_in, self.features), self.param_dtype)
 
     def _lora_branch(self, x, lora: LoraWeights):
         """x @ a @ b with LoRA dropout on the input; for an init relative to the base (LoRA-GA), the update

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 
-from jaxlora import lora as lora_lib, sharding
+from jaxlora import lora as lora_lib, quant as quant_lib, sharding
 from jaxlora.io import hf_checkpoint
 from jaxlora.io.hf_checkpoint import CheckpointError, NameTable
 from jaxlora.models.common import Family
@@ -44,10 +44,16 @@ def _dtype(x) -> Any:
 class Model:
     """A causal LM, a classifier or an encoder-decoder: `module` (Flax), `config`, frozen `params` (sharded over
     `mesh`), its `family` record (`jaxlora.models.registry`; by default the one of config.architecture), and how to
-    apply them."""
+    apply them.
+
+    With `quantization` (a `jaxlora.quant.QuantConfig`), the blocks' linear kernels are `QArray`s: `abstract_params`
+    and `param_shardings` describe the params as they are (quantized), `dense_abstract_params` and
+    `dense_param_shardings` the dense model they stand for (e.g. for gradients w.r.t. the dequantized kernels);
+    `param_axes` are the dense kernels' logical axes. Without it the dense_* attributes are the same objects."""
 
     def __init__(self, config, module: nn.Module, names: NameTable, mesh: Mesh, rules=sharding.DEFAULT_RULES,
-                 params=None, source: str | None = None, hf_config: dict | None = None, family: Family | None = None):
+                 params=None, source: str | None = None, hf_config: dict | None = None, family: Family | None = None,
+                 quantization: quant_lib.QuantConfig | None = None):
         self.config, self.module, self.names, self.mesh, self.rules = config, module, names, mesh, rules
         self.family = family or by_architecture(config.architecture)
         self.params, self.source, self.hf_config = params, source, hf_config or {}
@@ -55,6 +61,12 @@ class Model:
         self.param_axes = jax.tree.map(lambda b: b.names, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
         self.abstract_params = nn.meta.unbox(boxed)
         self.param_shardings = sharding.tree_shardings(self.param_axes, self.abstract_params, mesh, rules)
+        self.dense_abstract_params, self.dense_param_shardings = self.abstract_params, self.param_shardings
+        self.quantization, self.quantized_paths = quantization, []
+        if quantization is not None:
+            self.abstract_params, self.param_shardings, self.quantized_paths = quant_lib.quantized_layout(
+                self.abstract_params, self.param_axes, self.param_shardings, mesh, rules, names.stack_name,
+                quantization)
 
     def _init_boxed(self, rng):
         ids = jnp.zeros((1, 8), jnp.int32)
@@ -64,22 +76,29 @@ class Model:
 
     @classmethod
     def random(cls, hf_config: dict, *, dtype="float32", param_dtype="float32", mesh: Mesh | None = None,
-               seed: int = 0, **module_kwargs) -> "Model":
-        """A randomly initialized model for an HF config dict (tests, benchmarks, AOT planning)."""
-        model = cls._build(hf_config, dtype, param_dtype, mesh, **module_kwargs)
-        init = jax.jit(lambda rng: nn.meta.unbox(model._init_boxed(rng)), out_shardings=model.param_shardings)
+               seed: int = 0, quantization: str | None = None, double_quant: bool = False,
+               **module_kwargs) -> "Model":
+        """A randomly initialized model for an HF config dict (tests, benchmarks, AOT planning); with
+        `quantization`, the random dense kernels quantized."""
+        model = cls._build(hf_config, dtype, param_dtype, mesh, quantization=quantization, double_quant=double_quant,
+                           **module_kwargs)
+        init = jax.jit(lambda rng: nn.meta.unbox(model._init_boxed(rng)), out_shardings=model.dense_param_shardings)
         model.params = init(jax.random.key(seed))
+        if model.quantization is not None:
+            model.params = quant_lib.quantize_params(model.params, model.quantized_paths, model.quantization,
+                                                     model.param_shardings)
         return model
 
     @classmethod
     def _build(cls, hf_config: dict, dtype, param_dtype, mesh, where: str = "config.json", remat: str = "none",
-               attention_impl: str | None = None, rules=sharding.DEFAULT_RULES) -> "Model":
+               attention_impl: str | None = None, rules=sharding.DEFAULT_RULES, quantization: str | None = None,
+               double_quant: bool = False) -> "Model":
         family = family_for(hf_config, where)
         config = family.config_cls.from_hf_dict(hf_config, where)
         module = family.module_cls(config, dtype=_dtype(dtype), param_dtype=_dtype(param_dtype or dtype), remat=remat,
                                    attention_impl=attention_impl)
         return cls(config, module, family.names, mesh or sharding.make_mesh(), rules, hf_config=hf_config,
-                   family=family)
+                   family=family, quantization=quant_lib.QuantConfig.of(quantization, double_quant))
 
     def _fresh(self, paths: list[tuple[str, ...]], seed: int) -> dict:
         """Freshly initialized params at `paths` (flat {path: array}, in their shardings): what a checkpoint lacks."""
@@ -188,6 +207,10 @@ class Model:
         gathered one at a time; with several processes all take part and process 0 writes.
         """
         params = self.params if params is None else params
+        if quant_lib.has_quantized(params):
+            raise ValueError("save_pretrained writes dense weights, and these params hold quantized kernels: pass "
+                             "jaxlora.quant.dequantize_params(params) (a merged export of a quantized base merges "
+                             "into the dequantized params)")
         tensors = hf_checkpoint.iter_hf_tensors(params, self.names, self.config.num_hidden_layers)
         if jax.process_index() != 0:
             for _ in tensors:  # take part in each gather
@@ -234,7 +257,8 @@ def read_hf_config(folder: Path) -> dict:
 
 def from_pretrained(path: str | os.PathLike, dtype="float32", *, param_dtype=None, mesh: Mesh | None = None,
                     remat: str = "none", attention_impl: str | None = None,
-                    rules=sharding.DEFAULT_RULES, num_labels: int | None = None, seed: int = 0) -> Model:
+                    rules=sharding.DEFAULT_RULES, num_labels: int | None = None, seed: int = 0,
+                    quantization: str | None = None, double_quant: bool = False) -> Model:
     """Loads a Hugging Face causal LM (local folder or hub id) into a sharded `jaxlora.Model`.
 
     Args:
@@ -246,19 +270,36 @@ def from_pretrained(path: str | os.PathLike, dtype="float32", *, param_dtype=Non
       attention_impl: None (XLA picks), "xla" or "cudnn" (flash attention on NVIDIA GPUs).
       num_labels: classifiers (BERT): the head's classes, overriding config.json's (a new head starts fresh).
       seed: initializes what the checkpoint lacks (a classifier head over a bare encoder).
+      quantization: None, "int8" or "nf4": the blocks' linear kernels are quantized as they load, tensor by tensor
+        into their shardings (`jaxlora.quant`); embeddings, norms and the heads keep param_dtype.
+      double_quant: nf4 only: also quantize the block scales (8-bit, blocks of 256; QLoRA's double quantization).
     """
     folder = resolve_folder(path)
     hf_config = read_hf_config(folder)
     if num_labels is not None:
         hf_config = _with_num_labels(hf_config, num_labels, folder)
     model = Model._build(hf_config, dtype, param_dtype, mesh, where=str(folder / "config.json"), remat=remat,
-                         attention_impl=attention_impl, rules=rules)
+                         attention_impl=attention_impl, rules=rules, quantization=quantization,
+                         double_quant=double_quant)
     model.source = str(folder)
     if model.config.tie_word_embeddings:  # some tied checkpoints still carry a copy of the embedding
         model.names = dataclasses.replace(model.names, ignore=model.names.ignore + (r"lm_head\.weight",))
     model.params = hf_checkpoint.load_params(folder, model.names, model.abstract_params, model.param_shardings,
-                                             model.config.num_hidden_layers, lambda paths: model._fresh(paths, seed))
+                                             model.config.num_hidden_layers, lambda paths: model._fresh(paths, seed),
+                                             quantized=_quantized_loaders(model))
     return model
+
+
+def _quantized_loaders(model: Model) -> dict:
+    """{path: place(keys, read) -> QArray} for the quantized kernels (`jaxlora.quant.apply.loader`)."""
+    if model.quantization is None:
+        return {}
+    from jaxlora.quant.apply import loader
+    dense, dense_sh = (traverse_util.flatten_dict(t) for t in (model.dense_abstract_params,
+                                                                model.dense_param_shardings))
+    q_sh = traverse_util.flatten_dict(model.param_shardings)
+    stack = model.names.stack_name
+    return {p: loader(model.quantization, dense[p], dense_sh[p], q_sh[p], stack in p) for p in model.quantized_paths}
 
 
 def _with_num_labels(hf_config: dict, num_labels: int, folder) -> dict:

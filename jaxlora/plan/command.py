@@ -1,8 +1,9 @@
 """`plan()`: one config on one target; the remat / mesh search; the README table; `jaxlora plan`'s arguments.
 
 `plan` resolves the target, builds the mesh and a `Planner`, compiles the train step at the requested micro-batch
-(and, unless told not to, the largest that fits and LoRA-GA's estimation steps) and returns a `PlanReport`. `table`
-runs it for the README's models and TPU targets; `add_plan_arguments` / `run_plan_command` are the CLI's side.
+(and, unless told not to, the largest that fits and LoRA-GA's estimation steps, two compiles at a time) and returns a
+`PlanReport`. `table` runs it for the README's models and TPU targets; `add_plan_arguments` / `run_plan_command` are
+the CLI's side.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +30,8 @@ log = logging.getLogger(__name__)
 def plan(config: RunConfig, target: str, *, num_slices: int = 1, micro_batch: int | None = None,
          search: bool = True, remat: str | None = None, mesh: sharding.MeshConfig | None = None,
          lora_ga_steps: bool = True, search_remat: bool = False, search_mesh: bool = False,
-         hbm_bytes: int | None = None, max_micro_batch: int = 256, hf_config: dict | None = None) -> PlanReport:
+         hbm_bytes: int | None = None, max_micro_batch: int = 256, hf_config: dict | None = None,
+         exhaustive_search: bool = False) -> PlanReport:
     """Compiles the train step (and LoRA-GA's estimation steps) of `config` for `target`; reports memory and fit.
 
     Args:
@@ -36,7 +39,9 @@ def plan(config: RunConfig, target: str, *, num_slices: int = 1, micro_batch: in
       target: "v5p-32", "v5:2x2x4", "cpu8", ... (see TARGET_FORMS).
       num_slices: TPU slices joined over DCN (the devices of all slices form the mesh, as on a multislice pod).
       micro_batch: micro-batch rows per chip (per data shard); default config.train.micro_batch_size / (data x fsdp).
-      search: also find the largest micro-batch per chip that fits (compiling each candidate).
+      search: also find the largest micro-batch per chip that fits: predicted from the compiled memory of 1 and 2
+        rows/chip and confirmed by compiling it (`jaxlora.plan.search`); when the requested micro-batch does not
+        fit, the largest below it is searched anyway.
       remat: override config.model.remat ("none", "save_matmuls", "full").
       mesh: override config.mesh.
       lora_ga_steps: also compile LoRA-GA's exact and streaming estimation steps (config.lora.lora_ga_config or the
@@ -45,6 +50,7 @@ def plan(config: RunConfig, target: str, *, num_slices: int = 1, micro_batch: in
       hbm_bytes: per-chip memory budget (default: the chip's HBM; a CPU device's share of host memory).
       max_micro_batch: the search's upper bound per chip.
       hf_config: the model's HF config dict (default: read from config.model.path).
+      exhaustive_search: search by compiling powers of two and bisecting instead (every candidate a compile).
     Returns:
       A PlanReport (`.format()` for the text, `.to_dict()` for JSON).
     """
@@ -63,23 +69,34 @@ def plan(config: RunConfig, target: str, *, num_slices: int = 1, micro_batch: in
                             f"{planner.divisor} (mesh {dict(jmesh.shape)}); pass a micro-batch per chip "
                             f"(--micro-batch) or set train.micro_batch_size to a multiple of {planner.divisor}")
         micro_batch = global_mb // planner.divisor
-    train = planner.train(micro_batch)
-    largest, message = None, ""
-    if search or not train.fits:
-        largest, first = planner.largest_micro_batch(max_micro_batch)
-        if largest is None:
-            need = f"{fmt_bytes(first.peak)}/chip, " if first.peak else ""
-            message = (f"does not fit: micro-batch 1 per chip needs {need}{fmt_bytes(first.over_bytes)} over "
-                       f"the {fmt_bytes(budget)} per chip of {tgt.name}; use more chips or slices, a larger "
-                       f"fsdp split, model.remat: full, or a shorter data.max_length")
-    report = PlanReport(tgt, config.model.path, model.config.num_params, dict(jmesh.shape), model.module.remat,
-                        planner.seq_len, budget, train, largest, message=message)
-    if lora_ga_steps:
-        report.lora_ga_exact = planner.lora_ga_exact()
-        report.lora_ga_streaming = planner.lora_ga_streaming()
+    # One compile in a second thread, one here (a compile keeps about one core busy): the search's second batch,
+    # then LoRA-GA's steps, overlap the requested batch and the search's own compiles.
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        if search and max_micro_batch > 1:
+            pool.submit(planner.train, 2 if micro_batch == 1 else 1)
+        ga = [pool.submit(planner.lora_ga_exact), pool.submit(planner.lora_ga_streaming)] if lora_ga_steps else []
+        train = planner.train(micro_batch)
+        largest, found, message = None, None, ""
+        if search or not train.fits:
+            cap = max_micro_batch if train.fits else min(max_micro_batch, max(1, micro_batch - 1))
+            largest, first, found = planner.largest_micro_batch(cap, exhaustive=exhaustive_search)
+            if largest is None:
+                need = f"{fmt_bytes(first.peak)}/chip, " if first.peak else ""
+                message = (f"does not fit: micro-batch 1 per chip needs {need}{fmt_bytes(first.over_bytes)} over "
+                           f"the {fmt_bytes(budget)} per chip of {tgt.name}; use more chips or slices, a larger "
+                           f"fsdp split, model.remat: full, or a shorter data.max_length")
+        report = PlanReport(tgt, config.model.path, model.config.num_params, dict(jmesh.shape), model.module.remat,
+                            planner.seq_len, budget, train, largest, largest_search=found, message=message)
+        if ga:
+            report.lora_ga_exact, report.lora_ga_streaming = (f.result() for f in ga)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)  # fail now; a compile already running ends on its own
+        raise
+    pool.shutdown()  # nothing left running behind the caller
     if search_remat or search_mesh:
         report.search = _search(config, devices, tgt, budget, mesh_cfg, remat or config.model.remat, search_remat,
-                                search_mesh, max_micro_batch, hf_config)
+                                search_mesh, max_micro_batch, hf_config, exhaustive_search)
     return report
 
 
@@ -91,7 +108,8 @@ def _make_mesh(mesh_cfg: sharding.MeshConfig, devices, tgt: Target):
                         f"(or set one of them to -1)") from None
 
 
-def _search(config, devices, tgt, budget, mesh_cfg, remat, search_remat, search_mesh, cap, hf_config) -> list:
+def _search(config, devices, tgt, budget, mesh_cfg, remat, search_remat, search_mesh, cap, hf_config,
+            exhaustive) -> list:
     remats = ("none", "save_matmuls", "full") if search_remat else (remat,)
     meshes = [mesh_cfg]
     if search_mesh:
@@ -103,7 +121,7 @@ def _search(config, devices, tgt, budget, mesh_cfg, remat, search_remat, search_
     for r in remats:
         for m in meshes:
             jmesh = _make_mesh(m, devices, tgt)
-            best, _ = Planner(config, jmesh, r, budget, hf_config).largest_micro_batch(cap)
+            best, _, _ = Planner(config, jmesh, r, budget, hf_config).largest_micro_batch(cap, exhaustive)
             results.append({"remat": r, "mesh": dict(jmesh.shape), "largest": best.per_chip if best else 0,
                             "peak_gib": best.peak / GiB if best else None})
     return sorted(results, key=lambda d: -d["largest"])
@@ -178,11 +196,16 @@ def add_plan_arguments(c) -> None:
                    help="micro-batch rows per chip (default: train.micro_batch_size / (data x fsdp))")
     c.add_argument("--no-search", action="store_true", help="skip the largest-micro-batch search")
     c.add_argument("--max-micro-batch", type=int, default=256, help="upper bound of the search, per chip")
+    c.add_argument("--exhaustive-search", action="store_true",
+                   help="search by compiling powers of two, then bisecting (default: predict from two compiles, "
+                        "confirm with one)")
     c.add_argument("--remat", choices=("none", "save_matmuls", "full"), default=None, help="override model.remat")
     c.add_argument("--search-remat", action="store_true", help="also search the remat policies")
     c.add_argument("--search-mesh", action="store_true", help="also search (fsdp, tensor) splits")
     c.add_argument("--no-lora-ga", action="store_true", help="skip LoRA-GA's estimation steps")
-    c.add_argument("--hbm-gib", type=float, default=None, help="per-chip memory budget (default: the chip's HBM)")
+    c.add_argument("--hbm-gib", type=float, default=None,
+                   help="per-chip memory budget (default: the chip's HBM; a GPU's: XLA's pool, "
+                        "XLA_PYTHON_CLIENT_MEM_FRACTION (0.75) of its memory)")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.add_argument("--table", action="store_true", help="compute the README table (7B/13B/70B on v4-32, v5e-16, "
                                                        "v5p-32, 2 x v5p-32) and write it to --out")
@@ -206,6 +229,6 @@ def run_plan_command(args) -> int:
                   search=not args.no_search, remat=args.remat, lora_ga_steps=not args.no_lora_ga,
                   search_remat=args.search_remat, search_mesh=args.search_mesh,
                   hbm_bytes=int(args.hbm_gib * GiB) if args.hbm_gib else None,
-                  max_micro_batch=args.max_micro_batch)
+                  max_micro_batch=args.max_micro_batch, exhaustive_search=args.exhaustive_search)
     print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.format())
     return 0 if report.fits else 1

@@ -13,7 +13,9 @@ import dataclasses
 import logging
 import math
 import re
+import threading
 import time
+from concurrent.futures import Future
 from typing import Callable
 
 import jax
@@ -28,7 +30,8 @@ from jaxlora.config import RunConfig
 from jaxlora.lora import LoraGAConfig
 from jaxlora.lora.weights import LoraWeights
 from jaxlora.training.metrics import train_flops_per_token
-from jaxlora.plan.report import Memory, StepPlan, fmt_fit
+from jaxlora.plan import search
+from jaxlora.plan.report import BatchSearch, Memory, StepPlan, fmt_fit
 from jaxlora.plan.shapes import build_model
 from jaxlora.plan.targets import GiB
 
@@ -68,15 +71,16 @@ def _xla_flops(compiled) -> float | None:
 
 
 def compile_step(name: str, jitted, args: tuple, *, rows: int, per_chip: int, seq_len: int, flops: float,
-                 hbm_bytes: int, parts: Callable[[tuple], dict[str, int]]) -> StepPlan:
+                 hbm_bytes: int, parts: Callable[[tuple], dict[str, int]], options: dict | None = None) -> StepPlan:
     """Lowers and compiles `jitted` at `args` (ShapeDtypeStructs); RESOURCE_EXHAUSTED is "does not fit".
 
     `parts(input_shardings)` splits the per-chip input bytes by meaning, using the shardings the compiled program
     actually takes (jit may choose them for inputs without one); if it does not compile, the requested ones.
+    `options`: XLA compile options (`compile_options`).
     """
     t0 = time.perf_counter()
     try:
-        compiled = jitted.lower(*args).compile()
+        compiled = jitted.lower(*args).compile(compiler_options=options or None)
     except Exception as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -95,6 +99,14 @@ def compile_step(name: str, jitted, args: tuple, *, rows: int, per_chip: int, se
     fits = memory.peak <= hbm_bytes
     return StepPlan(name, rows, per_chip, seq_len, fits, memory, split, flops, _xla_flops(compiled), dt,
                     over_bytes=max(0, memory.peak - hbm_bytes))
+
+
+def compile_options(platform: str) -> dict:
+    """XLA options for programs that are only measured, never run: on XLA:CPU and XLA:GPU, LLVM without
+    optimization. Buffer assignment (all of memory_analysis) is settled before LLVM runs, so the bytes are the same
+    (checked: tiny and SmolLM2 train steps on cpu8, SmolLM2's on 8 x H100) and a CPU compile is ~4x faster.
+    libtpu ignores the option."""
+    return {"xla_backend_optimization_level": 0} if platform in ("cpu", "gpu", "cuda") else {}
 
 
 def _struct(tree, shardings):
@@ -122,8 +134,10 @@ class Planner:
         self.model = build_model(config, mesh, remat, hf_config)
         self.seq_len = max(data_lib.bucket_lengths(config.data))
         self.divisor = sharding.batch_divisor(mesh)
+        self.options = compile_options(mesh.devices.flat[0].platform)
         self.params = _struct(self.model.abstract_params, self.model.param_shardings)
-        self._train_cache: dict[int, StepPlan] = {}
+        self._train_plans: dict[int, Future] = {}  # per micro-batch; a compile in flight is waited for, not redone
+        self._lock = threading.Lock()
         self._train_fn = None
 
     # ---- LoRA training: exactly trainer.train's objects, built from shapes
@@ -134,11 +148,22 @@ class Planner:
         self.state, self._train_fn = training.state, training.train_step
 
     def train(self, per_chip: int) -> StepPlan:
-        """The train step at `per_chip` micro-batch rows per data shard."""
-        if per_chip in self._train_cache:
-            return self._train_cache[per_chip]
-        if self._train_fn is None:
-            self._build_train()
+        """The train step at `per_chip` micro-batch rows per data shard (compiled once; safe from several threads,
+        so `jaxlora.plan.command` compiles the search's first batches while the requested one compiles)."""
+        with self._lock:
+            if self._train_fn is None:
+                self._build_train()
+            pending, mine = self._train_plans.get(per_chip), per_chip not in self._train_plans
+            if mine:
+                pending = self._train_plans[per_chip] = Future()
+        if mine:
+            try:
+                pending.set_result(self._compile_train(per_chip))
+            except BaseException as e:
+                pending.set_exception(e)
+        return pending.result()
+
+    def _compile_train(self, per_chip: int) -> StepPlan:
         accum = self.config.train.grad_accum_steps
         rows = per_chip * self.divisor * accum
         batch = _batch(rows, self.seq_len, sharding.batch_sharding(self.mesh))
@@ -154,32 +179,17 @@ class Planner:
 
         flops = rows * self.seq_len * train_flops_per_token(self.model, self.seq_len)
         plan = compile_step("train", self._train_fn, (self.params, self.state, batch), rows=rows,
-                            per_chip=per_chip, seq_len=self.seq_len, flops=flops, hbm_bytes=self.hbm, parts=parts)
+                            per_chip=per_chip, seq_len=self.seq_len, flops=flops, hbm_bytes=self.hbm, parts=parts,
+                            options=self.options)
         log.info("  train  micro-batch %d/chip: %s (%.1fs)", per_chip, fmt_fit(plan), plan.compile_s)
-        self._train_cache[per_chip] = plan
         return plan
 
-    def largest_micro_batch(self, cap: int = 256) -> tuple[StepPlan | None, StepPlan]:
-        """(the plan at the largest per-chip micro-batch that fits, or None; the plan at 1 per chip)."""
-        first = self.train(1)
-        if not first.fits:
-            return None, first
-        best, fail, m = first, None, 2
-        while m <= cap:
-            p = self.train(m)
-            if not p.fits:
-                fail = m
-                break
-            best, m = p, m * 2
-        lo, hi = best.per_chip, fail
-        while hi is not None and hi - lo > 1:
-            mid = (lo + hi) // 2
-            p = self.train(mid)
-            if p.fits:
-                best, lo = p, mid
-            else:
-                hi = mid
-        return best, first
+    def largest_micro_batch(self, cap: int = 256, exhaustive: bool = False) \
+            -> tuple[StepPlan | None, StepPlan, BatchSearch]:
+        """(the plan at the largest per-chip micro-batch that fits, or None; the plan at 1 per chip; how it was
+        found). Predicted from compiled memory and confirmed by a compile (`jaxlora.plan.search`), or exhaustive."""
+        found = (search.exhaustive if exhaustive else search.predicted)(self.train, self.hbm, cap)
+        return (self.train(found.largest) if found.largest else None), self.train(1), found
 
     # ---- LoRA-GA estimation: the steps lora_ga.lora_ga_init runs
     def _ga(self):
@@ -205,7 +215,8 @@ class Planner:
         flops = rows * self.seq_len * train_flops_per_token(model, self.seq_len, full_finetune=True)
         plan = compile_step("lora_ga_exact", lora_ga.make_estimate_step(model, targets, rows, groups),
                             (acc, count, self.params, batch), rows=rows, per_chip=rows // self.divisor,
-                            seq_len=self.seq_len, flops=flops, hbm_bytes=self.hbm, parts=parts)
+                            seq_len=self.seq_len, flops=flops, hbm_bytes=self.hbm, parts=parts,
+                            options=self.options)
         log.info("  LoRA-GA exact estimation, batch %d: %s (%.1fs)", rows, fmt_fit(plan), plan.compile_s)
         return plan
 
@@ -233,6 +244,7 @@ class Planner:
         flops = rows * self.seq_len * train_flops_per_token(model, self.seq_len)
         plan = compile_step("lora_ga_streaming", lora_ga.make_sketch_step(model, targets, rows, groups),
                             (lora, self.params, lora, batch), rows=rows, per_chip=rows // self.divisor,
-                            seq_len=self.seq_len, flops=flops, hbm_bytes=self.hbm, parts=parts)
+                            seq_len=self.seq_len, flops=flops, hbm_bytes=self.hbm, parts=parts,
+                            options=self.options)
         log.info("  LoRA-GA streaming estimation, batch %d: %s (%.1fs)", rows, fmt_fit(plan), plan.compile_s)
         return plan

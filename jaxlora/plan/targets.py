@@ -1,14 +1,17 @@
 """Where a plan compiles for: the TPU chip table, target names -> `Target`, and the target's devices.
 
-A target is a Cloud TPU name ("v5p-32", "v5e-16"), a libtpu topology name ("v5:2x2x4"), or "cpu8" (host CPU
-devices, no libtpu needed). TPU devices are compile-only devices from libtpu (`jax.experimental.topologies`), so no
-chip is needed; `_prepare_runtime` keeps the process's own backend on the CPU and tells libtpu it is on a
-compile-only host. `PlanError` and `GiB` live here as the base the other plan modules build on.
+A target is a Cloud TPU name ("v5p-32", "v5e-16"), a libtpu topology name ("v5:2x2x4"), one host's CUDA GPUs
+("h100x8"), or "cpu8" (host CPU devices, no libtpu needed). TPU devices are compile-only devices from libtpu
+(`jax.experimental.topologies`), so no chip is needed; GPU devices likewise come from the CUDA PJRT plugin given a
+`GpuTargetConfigProto` (the GPU's description, `_gpu_target_config`), so neither a GPU nor the CUDA libraries are
+needed. `_prepare_runtime` keeps the process's own backend on the CPU and tells libtpu it is on a compile-only host.
+`PlanError` and `GiB` live here as the base the other plan modules build on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -31,24 +34,40 @@ CHIPS = {
     "v6e": ("v6e", "default", 1, 32 * GiB),
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}  # Cloud TPU names of v5e slices
+
+# Per GPU: CUDA device name, compute capability, SMs, FP32 lanes per SM, shared memory per SM / per block (opt-in),
+# L2 bytes, clock GHz, memory bandwidth B/s, memory bytes (H100: XLA's device_memory_size on an H100 SXM, from
+# jax-ml/jax#28376; the others: nvidia-smi's total). What XLA's GPU compiler reads from a real device.
+GPUS = {
+    "h100": ("NVIDIA H100 80GB HBM3", (9, 0), 132, 128, 233472, 232448, 50 * 2 ** 20, 1.98, 3.35e12, 84929347584),
+    "h200": ("NVIDIA H200", (9, 0), 132, 128, 233472, 232448, 50 * 2 ** 20, 1.98, 4.8e12, 143771 * 2 ** 20),
+    "a100-80gb": ("NVIDIA A100-SXM4-80GB", (8, 0), 108, 64, 167936, 166912, 40 * 2 ** 20, 1.41, 2.039e12, 80 * GiB),
+    "a100-40gb": ("NVIDIA A100-SXM4-40GB", (8, 0), 108, 64, 167936, 166912, 40 * 2 ** 20, 1.41, 1.555e12, 40 * GiB),
+}
+_GPU_ALIASES = {"h100-80gb": "h100"}
+GPU_MEM_FRACTION = 0.75  # jax's default XLA_PYTHON_CLIENT_MEM_FRACTION: the share of GPU memory XLA's pool takes
 TARGET_FORMS = ("v4-32, v5p-32, v5e-16 (or v5litepod-16), v6e-8: the Cloud TPU name (cores for v4/v5p, chips for "
-                "v5e/v6e); v4:2x2x4, v5:2x2x4, v5e:4x4, v6e:2x4: a libtpu topology name; cpu8: 8 host CPU devices")
+                "v5e/v6e); v4:2x2x4, v5:2x2x4, v5e:4x4, v6e:2x4: a libtpu topology name; h100, h100x8, h200x8, "
+                "a100-80gbx4, a100-40gb: N CUDA GPUs of one host; cpu8: 8 host CPU devices")
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
     name: str  # as the user wrote it
-    platform: str  # "tpu" or "cpu"
-    chip: str  # "v5p", ..., or "cpu"
-    topology: str | None  # libtpu name, e.g. "v5:2x2x4"
+    platform: str  # "tpu", "cuda" or "cpu"
+    chip: str  # "v5p", ..., "h100", ..., or "cpu"
+    topology: str | None  # libtpu name, e.g. "v5:2x2x4"; GPUs: "1x1x8" (slices x hosts x GPUs per host)
     num_slices: int
     num_devices: int
-    hbm_bytes: int  # per chip (per CPU device: its share of host memory)
+    hbm_bytes: int  # per chip (per CPU device: its share of host memory; per GPU: XLA's pool, a share of it)
+    total_bytes: int | None = None  # per GPU: all its memory
 
     def describe(self) -> str:
         slices = f"{self.num_slices} x " if self.num_slices > 1 else ""
         where = f" ({self.topology})" if self.topology else ""
-        return f"{slices}{self.name}{where}: {self.num_devices} devices, {self.hbm_bytes / GiB:.1f} GiB each"
+        pool = (f" (XLA_PYTHON_CLIENT_MEM_FRACTION {self.hbm_bytes / self.total_bytes:.2f} of "
+                f"{self.total_bytes / GiB:.1f} GiB)" if self.total_bytes else "")
+        return f"{slices}{self.name}{where}: {self.num_devices} devices, {self.hbm_bytes / GiB:.1f} GiB each{pool}"
 
 
 def _grid(chips: int, ndim: int) -> list[int]:
@@ -71,6 +90,9 @@ def resolve_target(name: str, num_slices: int = 1) -> Target:
         n = int(m.group(1) or 8)
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return Target(name, "cpu", "cpu", None, 1, n, host // n)
+    m = re.fullmatch(r"([a-z0-9-]+?)(?:x(\d+))?", name)
+    if m and (gpu := _GPU_ALIASES.get(m.group(1), m.group(1))) in GPUS:  # one host's GPUs: "h100x8"
+        return _gpu_target(name, gpu, int(m.group(2) or 1), num_slices)
     if m := re.fullmatch(r"(v\w+?)-(\d+)", name):  # Cloud TPU name
         chip = _ALIASES.get(m.group(1), m.group(1))
         if chip not in CHIPS:
@@ -98,6 +120,30 @@ def resolve_target(name: str, num_slices: int = 1) -> Target:
     return Target(name, "tpu", chip, topology, num_slices, chips * num_slices, hbm)
 
 
+def _gpu_target(name: str, gpu: str, count: int, num_slices: int) -> Target:
+    if num_slices != 1 or not 1 <= count <= 8:
+        raise PlanError(f"{name}: GPU targets are one host of 1 to 8 GPUs (e.g. {gpu}x8); valid forms: {TARGET_FORMS}")
+    total = GPUS[gpu][-1]
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEM_FRACTION))
+    return Target(name, "cuda", gpu, f"1x1x{count}", 1, count, int(total * fraction), total)
+
+
+def _gpu_target_config(gpu: str) -> str:
+    """The GPU's GpuTargetConfigProto (text format): what XLA's GPU compiler would read from the device."""
+    kind, (major, minor), sms, fpus, smem_sm, smem_optin, l2, ghz, bandwidth, memory = GPUS[gpu]
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: {smem_sm} threads_per_core_limit: 2048 core_count: {sms} fpus_per_core: {fpus}
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {int(bandwidth)} l2_cache_size: {l2} clock_rate_ghz: {ghz} device_memory_size: {memory}
+  shared_memory_per_block_optin: {smem_optin} cuda_compute_capability {{ major: {major} minor: {minor} }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA" dnn_version_info {{ major: 9 minor: 8 }} runtime_version {{ major: 12 minor: 8 }}
+device_description_str: "{kind}"
+"""
+
+
 def _prepare_runtime(cpu_devices: int) -> None:
     """Before any backend starts: CPU as the default platform with enough host devices, and libtpu told that this
     is a compile-only host (no metadata server, no lockfile shared with other processes)."""
@@ -121,6 +167,8 @@ def target_devices(target: Target) -> list:
             raise PlanError(f"{target.name} needs {target.num_devices} CPU devices but jax has {len(devices)}: set "
                             f"XLA_FLAGS=--xla_force_host_platform_device_count={target.num_devices} before jax starts")
         return devices[:target.num_devices]
+    if target.platform == "cuda":
+        return _gpu_devices(target)
     try:
         import libtpu  # noqa: F401
     except ImportError:
@@ -138,4 +186,26 @@ def target_devices(target: Target) -> list:
     return sorted(topo.devices, key=lambda d: (getattr(d, "slice_index", 0) or 0, d.id))
 
 
+def cuda_plugin_installed() -> bool:
+    """Whether jax's CUDA 12 PJRT plugin is importable (it compiles for a described GPU; no GPU is needed)."""
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:  # no jax_plugins package at all
+        return False
+
+
+def _gpu_devices(target: Target) -> list:
+    if not cuda_plugin_installed():
+        raise PlanError(f"{target.name}: compiling for CUDA GPUs needs jax's CUDA plugin: {CUDA_PIP}")
+    from jax.experimental import topologies
+    try:
+        topo = topologies.get_topology_desc(platform="cuda", target_config=_gpu_target_config(target.chip),
+                                            topology=target.topology)
+    except Exception as e:  # e.g. a plugin built for another jaxlib
+        raise PlanError(f"{target.name}: the CUDA plugin could not describe {target.topology} x {target.chip}: "
+                        f"{e}; it must match jax {jax.__version__}: {CUDA_PIP}") from None
+    return sorted(topo.devices, key=lambda d: d.id)
+
+
+CUDA_PIP = f'pip install "jax[cuda12-local]=={jax.__version__}"  (the CUDA PJRT plugin, ~180 MB; no CUDA libraries)'
 LIBTPU_PIP = f'pip install "jax[tpu]=={jax.__version__}"  (or: pip install --no-deps libtpu==0.0.42.1)'

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from jaxlora import lora as lora_lib, sharding
+from jaxlora import lora as lora_lib, quant, sharding
 from jaxlora.training import optim
 from jaxlora.training import step as step_lib
 from jaxlora.training.step import TrainState
@@ -66,6 +66,10 @@ def modules_to_save(model, config, params=None) -> dict:
     """Float32 (lora_dtype) copies of the modules trained fully (`lora.modules_to_save`)."""
     params = model.params if params is None else params
     full = lora_lib.split_modules_to_save(params, config.lora.modules_to_save)
+    if quant.has_quantized(full):
+        raise ValueError(f"modules_to_save {list(config.lora.modules_to_save)} selects quantized kernels "
+                         f"({model.quantization.kind}), which stay frozen: adapt them with LoRA, or train modules "
+                         f"outside the transformer blocks (e.g. lm_head, embed_tokens)")
     dtype = jnp.dtype(config.lora.lora_dtype)
     cast = lambda x: (jax.ShapeDtypeStruct(x.shape, dtype) if isinstance(x, jax.ShapeDtypeStruct) else x.astype(dtype))
     return jax.tree.map(cast, full)
@@ -119,7 +123,8 @@ def state_shardings(state_abstract: TrainState, trainable_sh, frozen_sh, mesh, o
     opt = opt_state_shardings(state_abstract.opt_state, trainable_sh, mesh)
     if offload:
         opt = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt)
-    return TrainState(step=rep, trainable=trainable_sh, frozen=frozen_sh, opt_state=opt, rng=rep)
+    return TrainState(step=rep, trainable=trainable_sh, frozen=frozen_sh, opt_state=opt, rng=rep,
+                      loss_scale=jax.tree.map(lambda _: rep, state_abstract.loss_scale))
 
 
 def _struct(tree, shardings):
@@ -163,10 +168,12 @@ def build_training(model, config, *, total_steps: int, rngs: tuple | None = None
     trainable_sh = trainable_shardings(model, trainable_)
     frozen_sh = frozen_shardings(trainable_sh["lora"], frozen)
     offload = config.optim.offload_state
+    fp16 = jnp.dtype(model.module.dtype) == jnp.float16  # fp16 compute: dynamic loss scaling (optim.LossScale)
 
     def make(trainable_tree, frozen_tree, rng):
         return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable_tree, frozen=frozen_tree,
-                          opt_state=tx.init(trainable_tree), rng=rng)
+                          opt_state=tx.init(trainable_tree), rng=rng,
+                          loss_scale=optim.init_loss_scale(config.optim) if fp16 else None)
 
     state_abstract = jax.eval_shape(make, trainable_, frozen, state_rng)
     state_sh = state_shardings(state_abstract, trainable_sh, frozen_sh, model.mesh, offload)
@@ -179,7 +186,8 @@ def build_training(model, config, *, total_steps: int, rngs: tuple | None = None
         state = jax.device_put(state, state_sh) if offload else state
         params = model.params
     step_fn = step_lib.make_train_step(model, tx, schedule, tc.grad_accum_steps,
-                                       state_sh.opt_state if offload else None)
+                                       state_sh.opt_state if offload else None,
+                                       loss_scale=config.optim if fp16 else None)
     batch_sh, rep = sharding.batch_sharding(model.mesh, batch_size=batch_rows), sharding.replicated(model.mesh)
     train_step = jax.jit(step_fn, in_shardings=(model.param_shardings, state_sh, batch_sh),
                          out_shardings=(state_sh, rep), donate_argnums=(1,))

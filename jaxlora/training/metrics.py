@@ -1,13 +1,18 @@
 """Training metrics out: a tqdm progress bar, a JSONL file, optionally TensorBoard; tokens/s and MFU.
 
-Throughput is measured between consecutive step completions (the first step, which includes compilation, is not
-counted). MFU = model FLOP/s / peak FLOP/s of the devices, with the model FLOPs counted analytically
+metrics.jsonl is append-only: a resumed run writes {"step": N, "event": "resumed"} and then re-logs the steps after
+N that the interrupted run had logged; `read_metrics` gives the history as it stands (those superseded records
+dropped).
+
+Throughput is measured between consecutive step completions, less the time spent saving checkpoints and evaluating
+in between (the first step, which includes compilation, is not counted). MFU = model FLOP/s / peak FLOP/s of the devices, with the model FLOPs counted analytically
 (`train_flops_per_token`): XLA's cost analysis counts a scanned layer's body once, not once per layer. On CPU the
 peak is measured with a large float32 matmul, elsewhere it comes from the config (train.peak_tflops_per_device).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -62,12 +67,26 @@ class MetricsLogger:
         self._last_time: float | None = None
         self._tokens = 0
         self._seconds = 0.0
+        self._excluded = 0.0
+        if start_step:  # the steps after start_step logged by the interrupted run are re-run: mark where
+            self._write({"step": start_step, "event": "resumed"})
+
+    @contextlib.contextmanager
+    def not_training(self):
+        """Time spent inside (a checkpoint save, an evaluation) is not counted in the next step's throughput: without
+        this, the step after each save read the save's time and the others 1.6-3.9x the true average."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._excluded += time.perf_counter() - t
 
     def log_step(self, step: int, metrics: dict, tokens: int, flops: float | None) -> None:
         now = time.perf_counter()
         record = {"step": step, **metrics}
+        excluded, self._excluded = self._excluded, 0.0
         if self._last_time is not None:  # the first step includes compilation: not a throughput sample
-            dt = now - self._last_time
+            dt = max(now - self._last_time - excluded, 1e-9)
             self._tokens += tokens
             self._seconds += dt
             record["tokens_per_second"] = tokens / dt
@@ -85,7 +104,6 @@ class MetricsLogger:
         """Held-out metrics: the loss (and its perplexity) and any others (eval_accuracy)."""
         import math
         self._write({"step": step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0)), **extra})
-        self._last_time = None  # evaluation time is not training throughput
 
     def _write(self, record: dict) -> None:
         if self._file is not None:
@@ -93,7 +111,7 @@ class MetricsLogger:
             self._file.flush()
         if self._tb is not None:
             for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(k, v, record["step"])
 
     def tokens_per_second(self) -> float:
@@ -106,3 +124,18 @@ class MetricsLogger:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    """The records of a run's metrics.jsonl as the run's history stands: at each resume marker the records of the
+    steps after it (logged by the run that was interrupted, then re-run) are dropped, and the marker is kept."""
+    path = Path(output_dir) / "metrics.jsonl"
+    history: list[dict] = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if record.get("event") == "resumed":
+            history = [r for r in history if r.get("step", 0) <= record["step"]]
+        history.append(record)
+    return history

@@ -10,6 +10,16 @@ it has no optimizer state by construction. Each leaf gets a label and `optax.mul
 LoRA-GA's initial factors a0/b0 are not in the trainable tree (`TrainState.frozen`), so they have no state at all.
 
 wrapped in global-norm gradient clipping. Schedules: linear warmup, then cosine, linear or constant.
+
+fp16 (model.dtype float16) trains with dynamic loss scaling, DeepSpeed's `DynamicLossScaler` as its fp16 config sets
+it (initial_scale_power 16, loss_scale_window 1000, hysteresis 2, min_loss_scale 1): `LossScale` is part of the train
+state (checkpointed, so a resume continues with the same scale), `update_loss_scale` its rule. A step whose
+gradients are not finite is skipped (no update; the optimizer state, and so the schedule's count, unchanged); after
+`hysteresis` such steps the scale halves (not below the minimum), and after `window` iterations without one it
+doubles. An overflow with the scale already at the minimum and no hysteresis left is where DeepSpeed raises
+("Current loss scale already at minimum"): the step reports it as `loss_scale_exhausted` and the trainer stops.
+optax offers `apply_if_finite` (skips non-finite updates, counts them) but no scale, hysteresis or growth window,
+and jmp (last release 0.0.4, January 2023) has a DynamicLossScale without hysteresis; the rule is a dozen lines.
 """
 
 from __future__ import annotations
@@ -17,7 +27,9 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import optax
+from flax import struct
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -38,6 +50,11 @@ class OptimConfig:
     modules_to_save_lr: float | None = None  # learning rate of fully trained modules (default: learning_rate)
     offload_state: bool = False  # keep the optimizer state in pinned host memory between steps (ZeRO-offload's
     #                              saving, via memory kinds); it visits the device for each update
+    # fp16 dynamic loss scaling (used when model.dtype is float16; DeepSpeed's fp16 config names in brackets)
+    loss_scale_init: float = 2.0 ** 16  # the first scale (2 ** initial_scale_power)
+    loss_scale_window: int = 1000  # iterations without an overflow before the scale doubles (loss_scale_window)
+    loss_scale_hysteresis: int = 2  # overflows before the scale halves (hysteresis)
+    loss_scale_min: float = 1.0  # the scale never goes below this (min_loss_scale)
 
     def __post_init__(self):
         if self.learning_rate <= 0:
@@ -51,6 +68,12 @@ class OptimConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.loraplus_lr_ratio <= 0:
             raise ValueError(f"loraplus_lr_ratio must be positive, got {self.loraplus_lr_ratio}")
+        if not 0 < self.loss_scale_min <= self.loss_scale_init:
+            raise ValueError(f"loss_scale_min must be positive and at most loss_scale_init, got {self.loss_scale_min} "
+                             f"and {self.loss_scale_init}")
+        for name in ("loss_scale_window", "loss_scale_hysteresis"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int, peak: float) -> optax.Schedule:
@@ -97,3 +120,33 @@ def make_optimizer(cfg: OptimConfig, total_steps: int,
     if cfg.max_grad_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), tx)
     return tx, make_schedule(cfg, total_steps, lr)
+
+
+class LossScale(struct.PyTreeNode):
+    """fp16's dynamic loss scale: part of the train state (`TrainState.loss_scale`), so it is checkpointed."""
+
+    scale: jax.Array  # float32: the loss is multiplied by this before the backward pass, the gradients divided
+    since_overflow: jax.Array  # int32: iterations since the last overflow, counting this one (DeepSpeed's
+    #                            cur_iter - last_overflow_iter; 1 at the first step)
+    hysteresis: jax.Array  # int32: overflows still tolerated before the scale halves
+    skipped: jax.Array  # int32: steps skipped so far (non-finite gradients)
+
+
+def init_loss_scale(cfg: OptimConfig) -> LossScale:
+    return LossScale(scale=jnp.float32(cfg.loss_scale_init), since_overflow=jnp.int32(1),
+                     hysteresis=jnp.int32(cfg.loss_scale_hysteresis), skipped=jnp.int32(0))
+
+
+def update_loss_scale(ls: LossScale, finite: jax.Array, cfg: OptimConfig) -> tuple[LossScale, jax.Array]:
+    """(the scale state after a step whose gradients were `finite` or not, whether the scale is exhausted: an
+    overflow that should halve a scale already at its minimum). DeepSpeed's DynamicLossScaler.update_scale with
+    delayed_shift = hysteresis and consecutive_hysteresis off: hysteresis is restored only when the scale grows."""
+    halve = ~finite & (ls.hysteresis <= 1)
+    exhausted = halve & (ls.scale <= cfg.loss_scale_min)
+    grow = finite & (ls.since_overflow % cfg.loss_scale_window == 0)
+    scale = jnp.where(halve, jnp.maximum(ls.scale / 2, jnp.float32(cfg.loss_scale_min)),
+                      jnp.where(grow, ls.scale * 2, ls.scale))
+    hysteresis = jnp.where(grow, jnp.int32(cfg.loss_scale_hysteresis),
+                           jnp.where(finite | halve, ls.hysteresis, ls.hysteresis - 1))
+    return LossScale(scale=scale, since_overflow=jnp.where(finite, ls.since_overflow + 1, jnp.int32(1)),
+                     hysteresis=hysteresis, skipped=ls.skipped + (~finite).astype(jnp.int32)), exhausted

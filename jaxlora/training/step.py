@@ -1,7 +1,7 @@
 """The pure training step: `train_step(params, state, batch) -> (state, metrics)`, jitted once per batch shape.
 
     params   frozen base (an argument, never donated, never differentiated, never updated)
-    state    TrainState(step, trainable={"lora": ..., "full": ...}, frozen, opt_state, rng)   -- donated
+    state    TrainState(step, trainable={"lora": ..., "full": ...}, frozen, opt_state, rng, loss_scale) -- donated
     batch    {"input_ids", "attention_mask", "labels"}: (accum * micro, T), sharded over (data, fsdp)
 
 Gradient accumulation is a `lax.scan` over micro-batches inside the one compiled step. The loss is the model
@@ -9,19 +9,28 @@ family's objective (`jaxlora.losses`), a mean over the labelled targets of the w
 trainable tree is differentiated: the frozen kernels get no weight-gradient computation, and `state.frozen` (LoRA-GA's
 initial factors a0/b0, joined to the adapters for the forward) gets neither gradients nor optimizer state.
 
+With fp16 compute (`loss_scale`: the run's OptimConfig) each micro-batch's mean loss is multiplied by the dynamic
+loss scale (`state.loss_scale`, `jaxlora.training.optim.LossScale`) before the backward pass and its gradient
+unscaled in float32 as it is accumulated; a step with non-finite gradients leaves the adapters and the optimizer
+state as they were, and the metrics say so: "loss_scale" (the scale this step used), "skipped" (1.0 or 0.0),
+"loss_scale_exhausted" (1.0: an overflow at the minimum scale, where the trainer stops). Without fp16
+`loss_scale` is None and a checkpoint of the state has the layout it had before loss scaling existed.
+
 `jaxlora.training.build.build_training` jits these with their shardings; nothing else builds a step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
+from flax import serialization, struct
 
 from jaxlora import lora as lora_lib
+from jaxlora.training import optim
 from jaxlora.sharding import place_batch  # noqa: F401  (the batch placement steps are called with)
 
 
@@ -31,6 +40,28 @@ class TrainState(struct.PyTreeNode):
     frozen: Any  # {"lora": offsets a0/b0 of inits relative to the base (LoRA-GA)} or {}: checkpointed, never trained
     opt_state: Any
     rng: jax.Array
+    loss_scale: Any = None  # fp16: the dynamic loss scale (optim.LossScale), checkpointed; None otherwise
+
+
+def _state_to_dict(state: TrainState) -> dict:
+    out = {f.name: serialization.to_state_dict(getattr(state, f.name)) for f in dataclasses.fields(state)}
+    if state.loss_scale is None:  # without fp16 a checkpoint keeps the layout it had before loss scaling existed
+        del out["loss_scale"]
+    return out
+
+
+def _state_from_dict(target: TrainState, state: dict) -> TrainState:
+    values = {}
+    for f in dataclasses.fields(target):
+        if f.name == "loss_scale" and target.loss_scale is None:
+            continue
+        if f.name not in state:
+            raise ValueError(f"Missing field {f.name} in state dict while restoring an instance of TrainState")
+        values[f.name] = serialization.from_state_dict(getattr(target, f.name), state[f.name], name=f.name)
+    return target.replace(**values)
+
+
+serialization.register_serialization_state(TrainState, _state_to_dict, _state_from_dict, override=True)
 
 
 def adapters(trainable, frozen) -> dict:
@@ -48,9 +79,10 @@ def adapter_loss(model) -> Callable:
 
 
 def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accum_steps: int,
-                    offloaded_opt_shardings=None) -> Callable:
+                    offloaded_opt_shardings=None, loss_scale: optim.OptimConfig | None = None) -> Callable:
     """The un-jitted step (`build_training` jits it). With `offloaded_opt_shardings` (the optimizer state's
-    pinned-host shardings) the state is brought to the device for the update and sent back after it."""
+    pinned-host shardings) the state is brought to the device for the update and sent back after it. With
+    `loss_scale` (the OptimConfig whose loss_scale_* fields apply) the step scales the loss dynamically (fp16)."""
     loss_sums = adapter_loss(model)
     to_device = to_host = lambda tree: tree
     if offloaded_opt_shardings is not None:
@@ -62,14 +94,21 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
         rng, step_rng = jax.random.split(state.rng)
         micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
 
+        scale = state.loss_scale.scale if loss_scale is not None else None
+
         def micro_loss(trainable, mb, rng_i):
-            return loss_sums(adapters(trainable, state.frozen), params, mb, rng_i, False)
+            ls, n = loss_sums(adapters(trainable, state.frozen), params, mb, rng_i, False)
+            if scale is None:
+                return ls, (ls, n)
+            return ls * (scale / jnp.maximum(n, 1.0)), (ls, n)  # the scaled mean: its backward runs in fp16
 
         def accumulate(carry, xs):
             grads, loss_sum, count = carry
             mb, i = xs
-            (ls, n), g = jax.value_and_grad(micro_loss, has_aux=True)(
+            (_, (ls, n)), g = jax.value_and_grad(micro_loss, has_aux=True)(
                 state.trainable, mb, jax.random.fold_in(step_rng, i))
+            if scale is not None:  # back to the gradient of the loss sum, in float32
+                g = jax.tree.map(lambda x: x * (jnp.maximum(n, 1.0) / scale), g)
             return (jax.tree.map(jnp.add, grads, g), loss_sum + ls, count + n), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.trainable)
@@ -77,12 +116,22 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
             accumulate, (zeros, jnp.float32(0), jnp.float32(0)), (micro, jnp.arange(grad_accum_steps)))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        updates, opt_state = tx.update(grads, to_device(state.opt_state), state.trainable)
-        opt_state = to_host(opt_state)
+        old_opt_state = to_device(state.opt_state)
+        updates, opt_state = tx.update(grads, old_opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {"loss": loss_sum / denom, "tokens": count, "grad_norm": optax.global_norm(grads),
                    "learning_rate": schedule(state.step)}
-        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, rng=rng), metrics
+        new_scale = None
+        if loss_scale is not None:
+            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+            trainable, opt_state = keep(trainable, state.trainable), keep(opt_state, old_opt_state)
+            new_scale, exhausted = optim.update_loss_scale(state.loss_scale, finite, loss_scale)
+            metrics |= {"loss_scale": scale, "skipped": 1.0 - finite.astype(jnp.float32),
+                        "loss_scale_exhausted": exhausted.astype(jnp.float32)}
+        opt_state = to_host(opt_state)
+        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, rng=rng,
+                             loss_scale=new_scale), metrics
 
     return train_step
 

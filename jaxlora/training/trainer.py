@@ -22,7 +22,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -32,17 +31,17 @@ import jax.numpy as jnp
 from jaxlora import lora as lora_lib, sharding
 from jaxlora.config import RunConfig
 from jaxlora.io import checkpoint as ckpt_lib
-from jaxlora.models.model import Model, from_pretrained
-from jaxlora.tasks import t5_glue
+from jaxlora.io.configfile import dump_config, to_dict
 from jaxlora.training import data as data_lib, step as step_lib
 from jaxlora.training.build import build_training
-from jaxlora.training.metrics import MetricsLogger, measure_peak_flops, train_flops_per_token
+from jaxlora.training.evaluation import Evaluator
+from jaxlora.training.metrics import MetricsLogger, measure_peak_flops, read_metrics, train_flops_per_token
+from jaxlora.training.preemption import StopSignals, TrainingInterrupted
+from jaxlora.training.run_folder import RunLock
+from jaxlora.training.setup import (TrainingError, lora_ga_batches, load_data, load_model, make_loader,
+                                    maybe_initialize_distributed, report_dropped, resolve_data_layout)
 
 log = logging.getLogger("jaxlora")
-
-
-class TrainingError(RuntimeError):
-    pass
 
 
 @dataclasses.dataclass
@@ -55,102 +54,6 @@ class TrainResult:
     tokens_per_second: float
     compiles: int  # distinct compilations of the train step
     eval_accuracy: float | None = None  # data with label_words: held-out accuracy (every label word scored)
-
-
-def maybe_initialize_distributed(cfg) -> None:
-    """jax.distributed.initialize for multi-process runs (explicit coordinator, or automatic on TPU pods)."""
-    if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
-        return
-    if cfg.coordinator_address:
-        jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
-    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-        jax.distributed.initialize()
-
-
-def load_model(config: RunConfig, mesh) -> Model:
-    m = config.model
-    return from_pretrained(m.path, m.dtype, param_dtype=m.param_dtype, mesh=mesh, remat=m.remat,
-                           attention_impl=m.attention_impl)
-
-
-def resolve_data_layout(config: RunConfig, model: Model) -> RunConfig:
-    """`config` with data.seq2seq set to what the model needs (an encoder-decoder reads prompt -> input_ids,
-    response -> labels); an explicit setting that contradicts the model is an error naming both."""
-    want, got = model.is_encoder_decoder, config.data.seq2seq
-    kind = "an encoder-decoder" if want else "a decoder-only model"
-    if got is not None and got != want:
-        raise TrainingError(f"data.seq2seq={got} but {config.model.path} is {kind} "
-                            f"({model.config.architecture}); leave data.seq2seq unset to follow the model")
-    if config.data.label_words and not want:
-        raise TrainingError(f"data.label_words scores label words as decoder targets, which needs an encoder-decoder "
-                            f"(T5); {config.model.path} is {kind} ({model.config.architecture})")
-    return dataclasses.replace(config, data=dataclasses.replace(config.data, seq2seq=want))
-
-
-def load_data(config: RunConfig, tokenizer):
-    train_data = data_lib.load_tokenized(config.data, tokenizer, "train")
-    eval_data = None
-    if config.data.eval_path or config.data.eval_fraction > 0:
-        eval_data = data_lib.load_tokenized(config.data, tokenizer, "eval")
-    return train_data, eval_data
-
-
-def make_loader(config: RunConfig, data, tokenizer, batch_size: int, shuffle: bool = True,
-                seed: int | None = None) -> data_lib.BatchLoader:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    targets = data_lib.target_bucket_lengths(config.data) if data.seq2seq else None
-    return data_lib.BatchLoader(data, batch_size, data_lib.bucket_lengths(config.data), pad,
-                                seed=config.train.seed if seed is None else seed, process_index=jax.process_index(),
-                                process_count=jax.process_count(), shuffle=shuffle, label_bucket_lengths=targets)
-
-
-def lora_ga_batches(config: RunConfig, data, tokenizer) -> list[dict]:
-    """LoRA-GA's estimation batches: the first batch_size * num_batches training examples, in order (as the
-    official code), padded to the training buckets; each process keeps its rows."""
-    ga = config.lora.lora_ga_config
-    loader = make_loader(config, data, tokenizer, ga.batch_size, shuffle=False, seed=0)
-    return [loader.batch(i) for i in range(ga.num_batches)]
-
-
-def eval_steps(loader, max_batches: int | None) -> int:
-    """Held-out batches one evaluation reads: all of them, or at most `max_batches` (train.eval_batches)."""
-    return loader.steps_per_epoch if max_batches is None else min(max_batches, loader.steps_per_epoch)
-
-
-def evaluate(eval_fn, params, trainable, loader, mesh, max_batches: int | None) -> float:
-    total, count = 0.0, 0.0
-    for i in range(eval_steps(loader, max_batches)):
-        s, c = eval_fn(params, trainable, step_lib.place_batch(loader.batch(i), mesh))
-        total, count = total + float(s), count + float(c)
-    return total / max(count, 1.0)
-
-
-class Evaluator:
-    """Held-out metrics of a run: the loss, and for data with `label_words` the accuracy of picking the label word the
-    decoder finds most probable (`jaxlora.tasks.t5_glue`: every class scored, normalized over the classes)."""
-
-    def __init__(self, model: Model, config: RunConfig, tokenizer, eval_data, eval_step=None):
-        """`eval_step`: the run's (`build_training`'s, with fixed shardings); default: jit without fixed shardings."""
-        self.mesh, self.max_batches = model.mesh, config.train.eval_batches
-        self.loader = make_loader(config, eval_data, tokenizer, config.train.micro_batch_size)
-        self.loss_fn = eval_step or jax.jit(step_lib.make_eval_step(model))
-        self.label_ids = data_lib.label_word_ids(config.data, tokenizer) if config.data.label_words else None
-        self.accuracy_fn = jax.jit(t5_glue.make_accuracy_step(model, self.label_ids)) if self.label_ids else None
-
-    def __call__(self, params, adapters) -> dict:
-        """Held-out metrics of the model with `adapters` ({"lora", "full"}, as `Training.adapters` joins them)."""
-        trainable = adapters
-        out = {"eval_loss": evaluate(self.loss_fn, params, trainable, self.loader, self.mesh, self.max_batches)}
-        if self.accuracy_fn is not None:
-            correct = total = 0.0
-            for i in range(eval_steps(self.loader, self.max_batches)):
-                host = self.loader.batch(i)
-                batch = {"input_ids": host["input_ids"], "attention_mask": host["attention_mask"],
-                         "class": t5_glue.classes_of_labels(host["labels"], self.label_ids)}
-                c, k = self.accuracy_fn(params, trainable, step_lib.place_batch(batch, self.mesh))
-                correct, total = correct + float(c), total + float(k)
-            out["eval_accuracy"] = correct / max(total, 1.0)
-        return out
 
 
 def log_optim_changes(saved: dict | None, now, step: int) -> None:
@@ -172,40 +75,79 @@ def all_finite(tree) -> jax.Array:
     return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
 
 
-def train(config: RunConfig) -> TrainResult:
-    """Fine-tunes `config.model.path` with LoRA on `config.data`; returns where the outputs went and the losses."""
+def prepare_output_dir(out: Path) -> None:
+    """Creates the run's folder, or says in one line why it cannot."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainingError(f"cannot create train.output_dir {out}: {e.strerror or e}") from None
+
+
+def resume(checkpointer, template_state, signature: dict, step: int | None):
+    """(state, meta, step) to resume from: `step` if given (checkpoints after it are moved to
+    <run>/superseded-checkpoints/), else the newest checkpoint that reads back; newer unreadable ones are moved to
+    <run>/corrupt-checkpoints/ (single process; a multi-host run stops instead, naming --resume-step)."""
+    steps = checkpointer.all_steps()
+    if step is not None:
+        if step not in steps:
+            raise TrainingError(f"--resume-step {step}: no checkpoint of step {step} in {checkpointer.directory} "
+                                f"(there are: {', '.join(map(str, steps)) or 'none'})")
+        if jax.process_index() == 0:
+            for newer in (s for s in steps if s > step):
+                dest = checkpointer.move_aside(newer, "superseded-checkpoints")
+                log.warning("checkpoint step %d moved to %s: resuming from the older step %d", newer, dest, step)
+        checkpointer.sync_after_move()
+        state, meta = checkpointer.restore(step, template_state, signature)
+        return state, meta, step
+
+    found = checkpointer.restore_newest_intact(template_state, signature)
+    if found is None:
+        raise TrainingError(f"none of the checkpoints in {checkpointer.directory} (steps "
+                            f"{', '.join(map(str, steps))}) reads back; nothing was moved. Move the folder away to "
+                            f"start from step 0")
+    state, meta, step, unreadable = found
+    if unreadable and jax.process_count() > 1:  # moving folders needs one process to decide for all: say how instead
+        raise TrainingError(f"{unreadable[0]}; resume from the intact one with --resume-step {step}")
+    for error in unreadable:
+        dest = checkpointer.move_aside(int(error.where.name), "corrupt-checkpoints")
+        log.warning("%s: moved to %s; resuming from the checkpoint of step %d", error, dest, step)
+    return state, meta, step
+
+
+def train(config: RunConfig, resume_step: int | None = None) -> TrainResult:
+    """Fine-tunes `config.model.path` with LoRA on `config.data`; returns where the outputs went and the losses.
+
+    `resume_step`: resume from that checkpoint instead of the newest (newer ones are moved aside, not deleted)."""
     tc = config.train
     maybe_initialize_distributed(tc)
     out = Path(tc.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    from jaxlora.io.configfile import dump_config
-    if jax.process_index() == 0:
-        dump_config(config, out / "config.yaml")
+    prepare_output_dir(out)
+    with contextlib.ExitStack() as stack:  # the lock, checkpointer, logger and signal handlers are undone on any exit
+        if jax.process_index() == 0:
+            stack.callback(RunLock(out).release)
+        mesh = sharding.make_mesh(config.mesh)
+        t0 = time.perf_counter()
+        model = load_model(config, mesh)
+        config = resolve_data_layout(config, model)
+        tokenizer = model.tokenizer()
+        log.info("loaded %s (%.1fM params) in %.1fs on mesh %s", config.model.path, model.config.num_params / 1e6,
+                 time.perf_counter() - t0, dict(mesh.shape))
 
-    mesh = sharding.make_mesh(config.mesh)
-    t0 = time.perf_counter()
-    model = load_model(config, mesh)
-    config = resolve_data_layout(config, model)
-    tokenizer = model.tokenizer()
-    log.info("loaded %s (%.1fM params) in %.1fs on mesh %s", config.model.path, model.config.num_params / 1e6,
-             time.perf_counter() - t0, dict(mesh.shape))
+        train_data, eval_data = load_data(config, tokenizer)
+        for part, data in (("training", train_data), ("held-out", eval_data)):
+            if data is not None:
+                report_dropped(part, data, config.data.max_length)
+        batch_size = tc.micro_batch_size * tc.grad_accum_steps
+        loader = make_loader(config, train_data, tokenizer, batch_size)
+        total_steps = tc.max_steps or max(1, int(tc.epochs * loader.steps_per_epoch))
 
-    train_data, eval_data = load_data(config, tokenizer)
-    if train_data.num_truncated:
-        log.warning("%d training examples were longer than max_length=%d and were truncated",
-                    train_data.num_truncated, config.data.max_length)
-    batch_size = tc.micro_batch_size * tc.grad_accum_steps
-    loader = make_loader(config, train_data, tokenizer, batch_size)
-    total_steps = tc.max_steps or max(1, int(tc.epochs * loader.steps_per_epoch))
-
-    divisor = sharding.batch_divisor(mesh)
-    if tc.micro_batch_size % divisor:
-        raise TrainingError(f"train.micro_batch_size={tc.micro_batch_size} must be a multiple of the mesh's "
-                            f"data x fsdp = {divisor} (mesh {dict(mesh.shape)})")
-    with contextlib.ExitStack() as stack:  # the checkpointer and the logger are closed on any exit
+        divisor = sharding.batch_divisor(mesh)
+        if tc.micro_batch_size % divisor:
+            raise TrainingError(f"train.micro_batch_size={tc.micro_batch_size} must be a multiple of the mesh's "
+                                f"data x fsdp = {divisor} (mesh {dict(mesh.shape)})")
         checkpointer = stack.enter_context(contextlib.closing(
             ckpt_lib.Checkpointer(out / "checkpoints", keep=tc.keep_checkpoints)))
-        resuming = tc.resume and checkpointer.latest_step() is not None
+        resuming = resume_step is not None or (tc.resume and checkpointer.latest_step() is not None)
         is_ga = config.lora.init_lora_weights == "lora_ga"
         t_init = time.perf_counter()
         training = build_training(
@@ -220,10 +162,11 @@ def train(config: RunConfig) -> TrainResult:
         signature = ckpt_lib.state_signature(model.config, state, config.lora)
         start = 0
         if resuming:
-            start = checkpointer.latest_step()
-            state, saved_meta = checkpointer.restore(start, state, signature)
+            state, saved_meta, start = resume(checkpointer, state, signature, resume_step)
             log.info("resumed from %s at step %d", checkpointer.directory, start)
             log_optim_changes(saved_meta.get("optim"), config.optim, start)
+        if jax.process_index() == 0:  # the run is accepted: its config may be recorded now
+            dump_config(config, out / "config.yaml")
 
         n_lora = lora_lib.num_lora_params(state.trainable["lora"])
         log.info("training %d steps (%d/epoch) of %d examples x %d tokens max; LoRA params %.2fM (%.3f%% of base), "
@@ -235,7 +178,7 @@ def train(config: RunConfig) -> TrainResult:
             peak = measure_peak_flops() * jax.process_count() if jax.default_backend() == "cpu" else None
         logger = stack.enter_context(contextlib.closing(MetricsLogger(
             out, total_steps, start, tc.progress_bar, tc.tensorboard, peak_flops=peak, log_every=tc.log_every)))
-        meta = {"signature": signature, "config_path": str(out / "config.yaml"), "model": config.model.path,
+        meta = {"signature": signature, "config": to_dict(config), "model": config.model.path,
                 "optim": dataclasses.asdict(config.optim)}
 
         losses: list[float] = []
@@ -261,9 +204,22 @@ def train(config: RunConfig) -> TrainResult:
                     older = [s for s in checkpointer.all_steps() if s < last_good]
                     last_good = older[-1] if older else None
                 stop(reason)
+            if float(metrics.get("loss_scale_exhausted", 0.0)):
+                stop(f"float16 gradients overflow at step {step_done} even at the minimum loss scale "
+                     f"(optim.loss_scale_min={config.optim.loss_scale_min}); use model.dtype bfloat16 or float32, or a "
+                     f"lower learning rate")
             losses.append(loss)
             logger.log_step(step_done, {k: float(v) for k, v in metrics.items()}, tokens, flops)
 
+        def save(done: int):
+            nonlocal last_good
+            if not bool(all_finite(state.trainable)):
+                stop(f"the parameters are not finite after step {done} (its loss, of the parameters before it, was "
+                     f"{losses[-1]:.4g}); step {done} was not saved")
+            checkpointer.save(done, state, {**meta, "step": done})
+            last_good = done
+
+        signals = stack.enter_context(StopSignals()) if jax.process_count() == 1 else None
         for step in range(start, total_steps):
             host_batch = loader.batch(step)
             batch = step_lib.place_batch(host_batch, mesh)
@@ -281,20 +237,27 @@ def train(config: RunConfig) -> TrainResult:
             is_last = done == total_steps
             save_now = (tc.save_every and done % tc.save_every == 0) or is_last
             eval_now = eval_data is not None and ((tc.eval_every and done % tc.eval_every == 0) or is_last)
-            if save_now or eval_now:  # never checkpoint (or evaluate) a step whose loss is unchecked
+            preempted = not is_last and (signals.received if signals else reached_preemption(done))
+            if save_now or eval_now or preempted:  # never checkpoint (or evaluate) a step whose loss is unchecked
                 finish(*pending)
                 pending = None
-            if save_now and not bool(all_finite(state.trainable)):
-                stop(f"the parameters are not finite after step {done} (its loss, of the parameters before it, was "
-                     f"{losses[-1]:.4g}); step {done} was not saved")
             if eval_now:
-                eval_metrics = evaluator(params, training.adapters(state))
+                with logger.not_training():
+                    eval_metrics = evaluator(params, training.adapters(state))
                 logger.log_eval(done, **eval_metrics)
-            if save_now:
-                checkpointer.save(done, state, {**meta, "step": done})
-                last_good = done
+            if save_now or preempted:
+                with logger.not_training():
+                    save(done)
+            if preempted:
+                checkpointer.wait()
+                why = signals.received if signals else "preemption"
+                raise TrainingInterrupted(
+                    f"stopped by {why} after step {done} of {total_steps}: checkpoint saved in "
+                    f"{checkpointer.directory}; run the same command again to resume from step {done}",
+                    signals.signum if signals else 15)
         if pending is not None:
             finish(*pending)
+        checkpointer.wait()
 
     from jaxlora.io.peft import export_peft
     final = training.adapters(state)
@@ -308,55 +271,16 @@ def train(config: RunConfig) -> TrainResult:
                        logger.tokens_per_second(), compiles, eval_metrics.get("eval_accuracy"))
 
 
-def loss_history(output_dir: str | Path) -> list[dict]:
-    """The metrics.jsonl of a run, parsed."""
-    path = Path(output_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-
-def restore_adapters(config: RunConfig, model: Model, step: int | None = None):
-    """The adapters ({"lora" with LoRA-GA's a0/b0 joined, "full"}) of a run's checkpoint (latest by default), in their
-    shardings, and the step."""
-    training = build_training(model, config, total_steps=1, template=True)
-    checkpointer = ckpt_lib.Checkpointer(Path(config.train.output_dir) / "checkpoints")
+def reached_preemption(step: int) -> bool:
+    """Multi-host: whether all processes reached the step at which jax's preemption sync (SIGTERM to any host)
+    says to save; False when the preemption service is not running."""
+    from jax.experimental import multihost_utils
     try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None:
-            raise ckpt_lib.ResumeError(f"no checkpoint in {checkpointer.directory}")
-        state, _ = checkpointer.restore(step, training.state,
-                                        ckpt_lib.state_signature(model.config, training.state, config.lora))
-    finally:
-        checkpointer.close()
-    return training.adapters(state), step
+        return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:
+        return False
 
 
-def evaluate_run(config: RunConfig, step: int | None = None, base_only: bool = False) -> dict:
-    """Held-out loss and perplexity (and accuracy, for data with label_words) of a run's checkpoint, or of the base
-    model with base_only."""
-    mesh = sharding.make_mesh(config.mesh)
-    model = load_model(config, mesh)
-    config = resolve_data_layout(config, model)
-    tokenizer = model.tokenizer()
-    _, eval_data = load_data(config, tokenizer)
-    if eval_data is None:
-        raise TrainingError("no held-out data: set data.eval_path or data.eval_fraction")
-    params = model.params
-    if base_only:
-        trainable, step = {"lora": {}, "full": {}}, 0
-    else:
-        trainable, step = restore_adapters(config, model, step)
-    evaluator = Evaluator(model, config, tokenizer, eval_data)
-    metrics = evaluator(params, trainable)
-    return {"step": step, **metrics, "eval_perplexity": math.exp(min(metrics["eval_loss"], 50.0)),
-            "examples": eval_steps(evaluator.loader, config.train.eval_batches) * config.train.micro_batch_size}
-
-
-def export_merged(config: RunConfig, out_dir: str | Path, step: int | None = None, overwrite: bool = False) -> Path:
-    """Writes base + s*a@b (and modules_to_save) as HF safetensors that AutoModelForCausalLM loads."""
-    mesh = sharding.make_mesh(config.mesh)
-    model = load_model(config, mesh)
-    trainable, _ = restore_adapters(config, model, step)
-    params = lora_lib.merge(lora_lib.overlay(model.params, trainable["full"]), trainable["lora"])
-    params = jax.tree.map(lambda new, old: new.astype(old.dtype), params, model.params)
-    return model.save_pretrained(out_dir, params, overwrite=overwrite)
+def loss_history(output_dir: str | Path) -> list[dict]:
+    """The metrics.jsonl of a run, parsed, as its history stands after any resume (`metrics.read_metrics`)."""
+    return read_metrics(output_dir)

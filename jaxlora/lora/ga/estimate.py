@@ -21,6 +21,7 @@ from jaxlora import lora as lora_lib, sharding
 from jaxlora.lora.config import LoraGAConfig, LoraGAError
 from jaxlora.lora.weights import LoraWeights
 from jaxlora.losses import IGNORE_INDEX
+from jaxlora.quant import is_quantized
 
 
 def check_targets(model, targets, ga: LoraGAConfig) -> None:
@@ -124,14 +125,16 @@ def _steps(model) -> dict:
 def make_estimate_step(model, targets, rows: int, groups: int = 1):
     """jit(acc, count, params, batch) -> (acc + dL/dK, count + tokens) for `rows`-row global batches packing `groups`
     estimation batches: the exact estimation's one compiled step (float32 accumulators sharded like their kernels).
+    A quantized kernel (`jaxlora.quant`) is dequantized first: the gradient is w.r.t. the dequantized weight.
     `jaxlora.plan` compiles it."""
-    kernel_sh = kernel_subtree(model.param_shardings, targets)
+    kernel_sh = kernel_subtree(model.dense_param_shardings, targets)
     key = ("gradient", tuple(t.path for t in targets), rows, groups)
 
     def accumulate(acc, count, params, batch):
         def loss(kernels32):
             return mean_loss(model, lora_lib.overlay(params, kernels32), None, batch, groups)
-        kernels32 = jax.tree.map(lambda k: k.astype(jnp.float32), kernel_subtree(params, targets))
+        kernels32 = jax.tree.map(lambda k: k.astype(jnp.float32), kernel_subtree(params, targets),
+                                 is_leaf=is_quantized)  # a QArray's astype dequantizes
         (_, n), g = jax.value_and_grad(loss, has_aux=True)(kernels32)
         return jax.tree.map(jnp.add, acc, g), count + n
 
@@ -145,15 +148,16 @@ def make_estimate_step(model, targets, rows: int, groups: int = 1):
 
 def estimate_gradients(model, params, targets, batches: list[dict], progress: bool = True):
     """float32 mean over batches of dL/dK for the targeted kernels only (nothing else is differentiated)."""
-    kernel_sh = kernel_subtree(model.param_shardings, targets)
+    kernel_sh = kernel_subtree(model.dense_param_shardings, targets)
     n_batches = len(batches)
     batches, groups = pack_batches(batches, sharding.batch_divisor(model.mesh))
     rows = batches[0]["input_ids"].shape[0] * jax.process_count()
     step = make_estimate_step(model, targets, rows, groups)
     zeros = jax.jit(lambda: jax.tree.map(lambda k: jnp.zeros(k.shape, jnp.float32),
-                                         kernel_subtree(model.abstract_params, targets)),
+                                         kernel_subtree(model.dense_abstract_params, targets)),
                     out_shardings=kernel_sh)
-    acc, count = zeros(), jnp.zeros((), jnp.float32)
+    # committed replicated like the step's output: an uncommitted first count compiled the step a second time
+    acc, count = zeros(), jax.device_put(jnp.zeros((), jnp.float32), sharding.replicated(model.mesh))
     for batch in progress_bar(batches, "LoRA-GA gradients", progress):
         acc, count = step(acc, count, params, sharding.place_batch(batch, model.mesh))
     if float(count) == 0:

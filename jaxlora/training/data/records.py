@@ -7,6 +7,8 @@ for errors found later, while tokenizing a record.
 
 from __future__ import annotations
 
+import codecs
+import errno
 import json
 import os
 
@@ -77,14 +79,54 @@ def _load_file(path: str, cache_dir: str | None) -> datasets.Dataset:
     ext = os.path.splitext(path)[1].lower()
     if ext not in _FILE_BUILDERS:
         raise DataError(f"{path}: unsupported file type {ext!r}; use one of {sorted(_FILE_BUILDERS)}")
+    if os.path.getsize(path) == 0 or (ext in (".json", ".jsonl") and not _has_content(path)):
+        raise DataError(f"{path}: the file is empty (no records)")
+    if ext != ".parquet" and not _is_utf8(path):  # pyarrow reads bad bytes and fails later, far from the file
+        _raise_encoding_error(path)
     try:
         return datasets.load_dataset(
             _FILE_BUILDERS[ext], data_files=path, split="train", cache_dir=cache_dir
         )
     except Exception as err:  # noqa: BLE001
+        if "Not enough disk space" in str(err) or getattr(err, "errno", None) == errno.ENOSPC:
+            where = cache_dir or datasets.config.HF_DATASETS_CACHE
+            raise OSError(errno.ENOSPC, "No space left on device", str(where)) from None  # the CLI says it in one line
         if _FILE_BUILDERS[ext] == "json":
             _raise_json_error(path)  # datasets' own message hides the line; find it ourselves
-        raise DataError(f"{path}: could not load as {ext[1:]}: {err}") from err
+        raise DataError(f"{path}: could not load as {ext[1:]}: {str(err) or type(err).__name__}") from err
+
+
+def _has_content(path: str) -> bool:
+    """Whether a text file holds anything but whitespace (read in blocks: data files can be large)."""
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            if block.strip():
+                return True
+    return False
+
+
+def _is_utf8(path: str) -> bool:
+    """Whether a text file decodes as UTF-8 (read in blocks)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                decoder.decode(block)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _raise_encoding_error(path: str) -> None:
+    """Raises DataError at the first line of a text data file that is not UTF-8, naming line and byte."""
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{line[err.start]:02x} at column "
+                                f"{err.start + 1}); save the file as UTF-8") from None
 
 
 def _raise_json_error(path: str) -> None:

@@ -32,7 +32,11 @@ def _field(record: Mapping[str, Any], name: str) -> Any:
 def _render(template: str, record: Mapping[str, Any], name: str) -> str:
     """Formats ``template`` over the record, checking the fields it uses exist."""
     for field in template_fields(template, name):
-        _field(record, field)
+        value = _field(record, field)
+        if isinstance(value, (list, tuple, dict, Mapping)):
+            kind = "an object" if isinstance(value, Mapping) else "a list"
+            raise DataError(f"field {field!r} is {kind}, but DataConfig.{name} needs text there "
+                            f"(a string or a number); got {str(value)[:80]}")
     try:
         return template.format(**record)
     except (KeyError, IndexError, AttributeError, ValueError, TypeError) as err:

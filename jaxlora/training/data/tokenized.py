@@ -9,6 +9,7 @@ examples with no trained label left after truncation are dropped and counted, as
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -49,7 +50,9 @@ class TokenizedData:
         dataset: columns ``input_ids``, ``labels`` (int32 lists) and ``length``.
         num_examples: examples kept (== ``len(self)``).
         num_truncated: examples of this part cut to max_length (kept or dropped).
+        num_truncated_kept: of those, the ones kept (a labelled token survived the cut).
         num_dropped: examples dropped because no label survived truncation.
+        dropped: where the first dropped examples are (``file:line``), for the warning that names them.
         source: where the data came from, for messages.
         seq2seq: labels are decoder targets of their own length (``label_length`` column), not aligned with input_ids.
     """
@@ -57,7 +60,9 @@ class TokenizedData:
     dataset: datasets.Dataset
     num_examples: int
     num_truncated: int = 0
+    num_truncated_kept: int = 0
     num_dropped: int = 0
+    dropped: tuple[str, ...] = ()
     source: str = ""
     seq2seq: bool = False
 
@@ -179,6 +184,15 @@ def _tokenize_records(
         out["num_trained"] = sum(1 for y in out["labels"] if y != IGNORE_INDEX)
         return out
 
+    try:
+        return _map(records, encode, cache_file, key, path)
+    except OSError as err:
+        if err.errno == errno.ENOSPC or "No space left" in str(err):  # name the cache, not what pyarrow said
+            raise OSError(errno.ENOSPC, "No space left on device", cache_file or cfg.cache_dir or path) from None
+        raise
+
+
+def _map(records: datasets.Dataset, encode, cache_file: str | None, key: str, path: str) -> datasets.Dataset:
     return records.map(
         encode,
         with_indices=True,
@@ -237,26 +251,44 @@ def load_tokenized(cfg: DataConfig, tokenizer: Any, split: str = "train") -> Tok
     # Tokenize before splitting off eval: record indices in errors match the file,
     # and train and eval share one cache file.
     tokenized = _tokenize_records(records, dataclasses.replace(cfg, split=split_name), tokenizer, path)
+    record_index = np.arange(len(tokenized))  # position in the file of each example kept so far, for messages
     if not use_eval_path and cfg.eval_fraction > 0.0:
         train_idx, eval_idx = _eval_split(len(tokenized), cfg.eval_fraction)
-        tokenized = tokenized.select(eval_idx if split == "eval" else train_idx)
-    return _drop_untrainable(tokenized, path, bool(cfg.seq2seq))
+        record_index = eval_idx if split == "eval" else train_idx
+        tokenized = tokenized.select(record_index)
+    data = _drop_untrainable(tokenized, path, record_index, bool(cfg.seq2seq))
+    if data.num_examples == 0 and data.num_dropped:
+        raise DataError(f"{path}: all {data.num_dropped} {split} examples were dropped: none keeps a labelled token "
+                        f"within data.max_length={cfg.max_length} (the prompt fills it). Raise data.max_length or "
+                        f"shorten the prompts; dropped: {', '.join(data.dropped)}")
+    return data
 
 
-def _drop_untrainable(tokenized: datasets.Dataset, path: str, seq2seq: bool = False) -> TokenizedData:
-    """Drops examples with no trained label (would give a 0/0 loss) and counts."""
+_NAMED_DROPS = 5  # how many dropped examples a message names
+
+
+def _drop_untrainable(tokenized: datasets.Dataset, path: str, record_index: np.ndarray,
+                      seq2seq: bool = False) -> TokenizedData:
+    """Drops examples with no trained label (would give a 0/0 loss), counts them and names the first few."""
     cols = tokenized.with_format("numpy")
     num_trained = np.asarray(cols["num_trained"])
-    num_truncated = int(np.asarray(cols["truncated"]).sum()) if len(tokenized) else 0
+    truncated = np.asarray(cols["truncated"], dtype=bool) if len(tokenized) else np.zeros(0, bool)
     keep = np.flatnonzero(num_trained > 0)
     num_dropped = len(tokenized) - len(keep)
+    dropped: tuple[str, ...] = ()
     if num_dropped:
+        first = np.flatnonzero(num_trained <= 0)[:_NAMED_DROPS]
+        dropped = tuple(where(path, int(record_index[i])) for i in first)
+        if num_dropped > len(first):
+            dropped += (f"... ({num_dropped - len(first)} more)",)
         tokenized = tokenized.select(keep)
     return TokenizedData(
         dataset=tokenized.select_columns(["input_ids", "labels", "length", "label_length"]),
         num_examples=len(tokenized),
-        num_truncated=num_truncated,
+        num_truncated=int(truncated.sum()),
+        num_truncated_kept=int(truncated[keep].sum()),
         num_dropped=num_dropped,
+        dropped=dropped,
         source=path,
         seq2seq=seq2seq,
     )

@@ -1,0 +1,221 @@
+"""QLoRA on CPU: a quantized frozen base (nf4, int8) against bf16 and fp32, SmolLM2-135M with LoRA on the demo data.
+
+    python scripts/bench_quant.py                 # SmolLM2-135M-Instruct (real weights), 50 steps of the demo data
+    python scripts/bench_quant.py --quick         # a tiny random Llama, 4 steps (smoke test, ~2 min on 2 cores)
+    python scripts/bench_quant.py --variants nf4 bf16 --steps 20 --double-quant
+
+Each variant runs in its own subprocess (its memory is its own): load the model (`jaxlora.from_pretrained`, the
+quantized kernels quantized as they load), build the run of configs/smollm2_135m_cpu.yaml (LoRA r=8 on all-linear,
+its optimizer and schedule, micro-batch 4 x 2 accumulation, its data: prompt-masked gsm_symbolic records in buckets of
+128 / 256 tokens, shuffled with the config's seed: every variant sees the same batches), then run --steps steps.
+
+    fp32   float32 weights and compute                      bf16   bfloat16 weights and compute
+    int8   int8 kernels (per output channel), bf16 compute  nf4    NF4 kernels (blocks of 64), bf16 compute
+           (embeddings, norms and the head in bf16)                 (--double-quant: 8-bit block scales)
+
+Reported per variant: resident weight bytes (the param arrays on the device: the quantized kernels' codes and scales,
+the rest), peak RSS of the process (ru_maxrss: loading, compilation and training) and of the training steps alone
+(VmHWM reset after the first step of each bucket has compiled), tokens/s over the steps after those (non-pad tokens,
+compilation excluded), the loss of every step, and at the end the mean |loss - bf16 loss| and the last-10-step mean
+gap of nf4 against bf16. Results go to --out (JSON) and a table on stdout. The 2-core CPU is often shared: the load
+average at start and end is recorded; timings taken under load are not comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench_common import machine_info, maxrss_kb, reset_peak, status_kb, versions  # noqa: E402 (scripts/)
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+CONFIG = ROOT / "configs" / "smollm2_135m_cpu.yaml"
+VARIANTS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("bfloat16", "int8"),
+            "nf4": ("bfloat16", "nf4")}
+MARK = "@@bench "
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=True,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def tiny_folder(path: pathlib.Path) -> pathlib.Path:
+    """A random tiny Llama with a tokenizer (for --quick): the demo data tokenizes with SmolLM2's tokenizer, so the
+    tiny model gets random token batches instead (see `batches`)."""
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).save_pretrained(path)
+    return path
+
+
+def batches(args, model_path: str, n: int) -> list[dict]:
+    """The first n batches of the config's run (micro * accum rows), or random tokens for --quick."""
+    import numpy as np
+    from jaxlora.config import load_run_config
+    config = load_run_config(str(CONFIG))
+    rows = config.train.micro_batch_size * config.train.grad_accum_steps
+    if args.quick:
+        rng = np.random.default_rng(0)
+        out = []
+        for _ in range(n):
+            ids = rng.integers(3, TINY["vocab_size"], (rows, 64), dtype=np.int32)
+            labels = ids.copy()
+            labels[:, :16] = -100
+            out.append({"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels})
+        return out
+    from transformers import AutoTokenizer
+    from jaxlora.training import data as data_lib
+    tok = AutoTokenizer.from_pretrained(model_path)
+    data_cfg = dataclasses.replace(config.data, path=str(ROOT / config.data.path), eval_path=None,
+                                   cache_dir=str(ROOT / config.data.cache_dir))
+    data = data_lib.load_tokenized(data_cfg, tok, "train")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    loader = data_lib.BatchLoader(data, rows, data_lib.bucket_lengths(data_cfg), pad, seed=config.train.seed)
+    return [loader.batch(i) for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------------ worker
+
+
+def worker(args) -> None:
+    """One variant: load, build, train --steps steps; one JSON line on stdout."""
+    import logging
+    logging.basicConfig(level=logging.WARNING)
+    import jax
+    import numpy as np
+    from jaxlora import quant, sharding
+    from jaxlora.backends import skip_tpu_backend_without_tpu
+    from jaxlora.config import load_run_config
+    from jaxlora.models.model import from_pretrained
+    from jaxlora.training import data as data_lib
+    from jaxlora.training.build import build_training
+    from jaxlora.training.step import place_batch
+    skip_tpu_backend_without_tpu()  # after the imports (flax registers lowerings for every platform), before a backend
+
+    dtype, quantization = VARIANTS[args.worker]
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    t0 = time.perf_counter()
+    model = from_pretrained(args.model_path, dtype, mesh=mesh, quantization=quantization,
+                            double_quant=args.double_quant and quantization == "nf4")
+    jax.block_until_ready(model.params)
+    load_s = time.perf_counter() - t0
+    leaves = jax.tree.leaves(model.params, is_leaf=quant.is_quantized)
+    q_bytes = sum(x.nbytes for x in leaves if quant.is_quantized(x))
+    weight_bytes = q_bytes + sum(x.nbytes for x in leaves if not quant.is_quantized(x))
+    loaded_mb = (status_kb("VmRSS") or 0) / 1024
+
+    config = load_run_config(str(CONFIG))
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, max_steps=args.steps))
+    training = build_training(model, config, total_steps=args.steps)
+    host = batches(args, args.model_path, args.steps)
+    state, losses, seen, timed_s, timed_tokens, hwm_reset = training.state, [], set(), 0.0, 0, False
+    for i, b in enumerate(host):
+        shape = b["input_ids"].shape
+        t0 = time.perf_counter()
+        state, m = training.train_step(training.params, state, place_batch(b, mesh))
+        losses.append(float(m["loss"]))  # waits for the step
+        if shape in seen:
+            timed_s += time.perf_counter() - t0
+            timed_tokens += data_lib.count_tokens(b)
+        else:  # this bucket compiled in this step: not timed; the steady peak starts after it
+            seen.add(shape)
+            hwm_reset = reset_peak()
+    steady = status_kb("VmHWM") if hwm_reset else None
+    sys.stdout.write(MARK + json.dumps({
+        "variant": args.worker, "dtype": dtype, "quantization": quantization,
+        "double_quant": bool(args.double_quant and quantization == "nf4"), "load_s": load_s,
+        "weight_bytes": weight_bytes, "quantized_kernel_bytes": q_bytes, "loaded_rss_mb": loaded_mb,
+        "peak_rss_mb": maxrss_kb() / 1024, "steady_peak_rss_mb": steady / 1024 if steady else None,
+        "tokens_per_s": timed_tokens / timed_s if timed_s else None, "timed_steps": len(host) - len(seen),
+        "losses": losses, "finite": bool(np.all(np.isfinite(losses)))}) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+def run_variant(name: str, args, model_path: str) -> dict:
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", name, "--model-path", model_path,
+           "--steps", str(args.steps)] + (["--quick"] if args.quick else []) + (
+               ["--double-quant"] if args.double_quant else [])
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as the demo runs
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):])
+    raise RuntimeError(f"{name} worker failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def table(results: list[dict]) -> str:
+    rows = [("variant", "weights MB", "kernels MB", "peak RSS MB", "step RSS MB", "tokens/s", "loss[0]", "loss[-1]")]
+    for r in results:
+        rows.append((r["variant"] + ("+dq" if r["double_quant"] else ""), f"{r['weight_bytes'] / 2**20:.1f}",
+                     f"{r['quantized_kernel_bytes'] / 2**20:.1f}", f"{r['peak_rss_mb']:.0f}",
+                     f"{r['steady_peak_rss_mb']:.0f}" if r["steady_peak_rss_mb"] else "-",
+                     f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-",
+                     f"{r['losses'][0]:.4f}", f"{r['losses'][-1]:.4f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
+
+
+def gap(results: list[dict], a: str, b: str) -> dict | None:
+    by = {r["variant"]: r for r in results}
+    if a not in by or b not in by:
+        return None
+    la, lb = by[a]["losses"], by[b]["losses"]
+    diffs = [abs(x - y) for x, y in zip(la, lb)]
+    tail = min(10, len(la))
+    return {"mean_abs_gap": sum(diffs) / len(diffs), "max_abs_gap": max(diffs),
+            "last10_mean_gap": sum(la[-tail:]) / tail - sum(lb[-tail:]) / tail}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a tiny random Llama and random tokens, 4 steps")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--steps", type=int, default=None, help="training steps per variant (default 50; 4 with --quick)")
+    p.add_argument("--double-quant", action="store_true", help="nf4 with double quantization of the block scales")
+    p.add_argument("--out", default=None, help="JSON results (default runs/bench_quant[_quick].json)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model-path", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.steps = args.steps or (4 if args.quick else 50)
+    if args.worker:
+        return worker(args)
+    sys.path.insert(0, str(HERE))
+    load_start = list(os.getloadavg())
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.quick:
+            model_path = str(tiny_folder(pathlib.Path(tmp) / "tiny"))
+        else:
+            import assets
+            model_path = str(assets.smollm2_path())
+        results = []
+        for name in args.variants:
+            print(f"{name}: running {args.steps} steps ...", flush=True)
+            results.append(run_variant(name, args, model_path))
+    report = {"model": "tiny random Llama" if args.quick else "SmolLM2-135M-Instruct", "steps": args.steps,
+              "config": str(CONFIG.relative_to(ROOT)), "machine": machine_info(), "versions": versions(),
+              "loadavg_start": load_start, "loadavg_end": list(os.getloadavg()), "results": results,
+              "nf4_vs_bf16": gap(results, "nf4", "bf16"), "int8_vs_bf16": gap(results, "int8", "bf16")}
+    out = pathlib.Path(args.out or ROOT / "runs" / f"bench_quant{'_quick' if args.quick else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(table(results))
+    for key in ("nf4_vs_bf16", "int8_vs_bf16"):
+        if report[key]:
+            g = report[key]
+            print(f"{key}: mean |loss gap| {g['mean_abs_gap']:.4f}, max {g['max_abs_gap']:.4f}, last-10 mean gap "
+                  f"{g['last10_mean_gap']:+.4f}")
+    print(f"load average {load_start[0]:.1f} -> {report['loadavg_end'][0]:.1f}; results in {out}")
+
+
+if __name__ == "__main__":
+    main()
