@@ -163,7 +163,7 @@ def _report(args, e: Exception) -> int:
     """One line on stderr and the exit code for an error a user can act on; anything else propagates."""
     from jaxlora.training.run_folder import disk_full_message
     interrupted = getattr(e, "exit_code", None)  # TrainingInterrupted: stopped on a signal after saving
-    full = disk_full_message(e, getattr(args, "out", None) or _output_dir(args))
+    full = disk_full_message(e, lambda: getattr(args, "out", None) or _output_dir(args))
     if interrupted is not None or full is not None:
         print(f"jaxlora {args.command}: {e if full is None else 'error: ' + full}", file=sys.stderr)
         return interrupted or 2
@@ -188,13 +188,16 @@ def _quiet_orbax_background_errors() -> None:
     """A failed write (a full disk) makes orbax log a traceback from each of its writer threads, and asyncio report
     "Event loop is closed" from callbacks that outlive the loop and, at exit, every abandoned writer task: hundreds of
     lines around the one that says what happened. Drop those kinds only; every other error and warning shows."""
-    logging.getLogger("absl").addFilter(_orbax_error_record)
+    logging.getLogger("absl").addFilter(_orbax_error_record)  # addFilter keeps one copy of a filter
     logging.getLogger("asyncio").addFilter(_unretrieved_task_record)
+    if getattr(sys.unraisablehook, "_jaxlora_quiet", False):  # main() runs once per command, in-process too
+        return
     previous = sys.unraisablehook
 
     def hook(unraisable):
         if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
             previous(unraisable)
+    hook._jaxlora_quiet = True
     sys.unraisablehook = hook
 
 

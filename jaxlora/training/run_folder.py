@@ -95,13 +95,16 @@ def _chain(err: BaseException):
         todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
 
 
-def disk_full_message(err: BaseException, fallback_path: str | os.PathLike | None) -> str | None:
-    """One line for a full disk anywhere in `err`'s chain (the path written, its filesystem's free space), or None."""
+def disk_full_message(err: BaseException, fallback_path=None) -> str | None:
+    """One line for a full disk anywhere in `err`'s chain (the path written, its filesystem's free space), or None.
+    `fallback_path` names the place when the error does not: a path, or a function returning one (called only for a
+    full disk, so a caller need not work it out for every other error)."""
     for e in _chain(err):
         full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or \
             "No space left on device" in str(e) or "Disk quota exceeded" in str(e)
         if full:
-            path = getattr(e, "filename", None) or fallback_path or "."
+            path = getattr(e, "filename", None) or (fallback_path() if callable(fallback_path) else fallback_path) \
+                or "."
             return f"no space left on the device holding {path} ({_free_space(path)}); free some space or " \
                    f"write elsewhere. Checkpoints already completed are intact"
     return None
