@@ -92,12 +92,12 @@ def resume(checkpointer, template_state, signature: dict, step: int | None):
         if step not in steps:
             raise TrainingError(f"--resume-step {step}: no checkpoint of step {step} in {checkpointer.directory} "
                                 f"(there are: {', '.join(map(str, steps)) or 'none'})")
+        state, meta = checkpointer.restore(step, template_state, signature)  # first: a refused resume moves nothing
         if jax.process_index() == 0:
             for newer in (s for s in steps if s > step):
                 dest = checkpointer.move_aside(newer, "superseded-checkpoints")
                 log.warning("checkpoint step %d moved to %s: resuming from the older step %d", newer, dest, step)
         checkpointer.sync_after_move()
-        state, meta = checkpointer.restore(step, template_state, signature)
         return state, meta, step
 
     found = checkpointer.restore_newest_intact(template_state, signature)
