@@ -29,6 +29,8 @@ class ModelConfig:
     quantization: str | None = None  # the frozen base's block kernels: null, int8 (per output channel) or nf4
     #                                  (QLoRA's 4-bit NormalFloat, blocks of 64), quantized as they load
     double_quant: bool = False  # nf4: also quantize the block scales (8-bit, blocks of 256), QLoRA's double quant
+    loss_chunk: int = 0  # causal LMs: > 0 applies the head to this many tokens at a time (the fused chunked loss), so
+    #                      the (batch, seq, vocab) logits never exist at once; 0 computes all logits together
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
@@ -37,6 +39,8 @@ class ModelConfig:
             raise ValueError(f"attention_impl must be null, xla or cudnn, got {self.attention_impl!r}")
         if self.quantization not in (None, *QUANT_KINDS):
             raise ValueError(f"quantization must be null, int8 or nf4, got {self.quantization!r}")
+        if self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk must be >= 0 (0: no chunking), got {self.loss_chunk}")
         if self.double_quant and self.quantization != "nf4":
             raise ValueError(f"double_quant applies to quantization: nf4 only (quantization is "
                              f"{self.quantization!r})")

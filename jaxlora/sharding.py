@@ -44,6 +44,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
+    ("expert", "tensor"),  # MoE experts (Mixtral): expert-parallel over the tensor axis, before their "mlp" dim
     ("norm", None),
     ("lora_rank", None),
 )

@@ -7,9 +7,13 @@ its own. Linux /proc based; elsewhere the fields are None or "unknown" rather th
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 import platform
 import resource
+import subprocess
+import sys
 from importlib.metadata import PackageNotFoundError, version
 
 VERSIONED = ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft")
@@ -61,13 +65,24 @@ def status_kb(field: str) -> int | None:
     return None
 
 
+_HWM_BEFORE_RESETS_KB = 0  # the largest VmHWM that a reset_peak() cleared
+
+
 def maxrss_kb() -> int:
-    """This process's peak resident set since it started (KiB on Linux)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    """This process's peak resident set since it started (KiB), from VmHWM (and the peaks reset_peak cleared).
+
+    Not ru_maxrss: Linux carries it across fork + exec, so a worker started by a 600 MB driver reported 600 MB
+    whatever it used itself."""
+    hwm = status_kb("VmHWM")
+    if hwm is None:
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return max(hwm, _HWM_BEFORE_RESETS_KB)
 
 
 def reset_peak() -> bool:
     """Resets VmHWM so later peaks exclude what came before (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    global _HWM_BEFORE_RESETS_KB
+    _HWM_BEFORE_RESETS_KB = max(_HWM_BEFORE_RESETS_KB, status_kb("VmHWM") or 0)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -91,3 +106,42 @@ class PeakMeter:
         return {"rss_loaded_mb": self.loaded_kb / 1024, "peak_mb": max(self.peak_before_kb, maxrss_kb()) / 1024,
                 "peak_after_load_mb": after / 1024, "delta_mb": (after - self.loaded_kb) / 1024,
                 "hwm_reset": self.reset}
+
+
+MARK = "@@bench "  # prefix of a worker's reply lines (libraries may print to stdout too)
+
+
+def reply(obj: dict) -> None:
+    """A worker's answer to the driver: one JSON line after MARK."""
+    sys.stdout.write(MARK + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+class WorkerProcess:
+    """The driver's handle on one long-lived worker subprocess: `ask(op=...)` writes a JSON command to its stdin and
+    returns its next MARK reply; its stderr goes to `<workdir>/<name>.log`, quoted when it dies."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict, workdir):
+        self.name = name
+        self.log = open(pathlib.Path(workdir) / f"{name}.log", "w")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env=env, bufsize=1)
+
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+        self.proc.wait()
+        raise RuntimeError(f"{self.name} worker exited (rc {self.proc.returncode}); see its log:\n"
+                           + pathlib.Path(self.log.name).read_text()[-4000:])
+
+    def ask(self, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.log.close()

@@ -19,7 +19,7 @@ over batches):
                                               streaming sketch rank q = 2r + oversampling (library default 4r), over
                                               the same batches (step 1 compiles; the time shown is per later step)
 
-Memory: peak RSS. "peak" = getrusage(RUSAGE_SELF).ru_maxrss of the subprocess (includes loading); "loaded" = RSS
+Memory: peak RSS. "peak" = VmHWM of the subprocess (includes loading; `bench_common.maxrss_kb`); "loaded" = RSS
 once the model and batches are in memory; "delta" = the peak after that point (VmHWM after resetting it through
 /proc/self/clear_refs, else ru_maxrss) minus "loaded". Rounds alternate the variants; medians are reported.
 All times include JIT compilation (what a user waits for); jaxlora compiles, PEFT does not.

@@ -2,6 +2,7 @@
 
     python scripts/bench_throughput.py                  # SmolLM2-135M (real weights), CPU, 8 x 256 tokens, r=8
     python scripts/bench_throughput.py --quick          # tiny random Llama (smoke test, < 1 min)
+    python scripts/bench_throughput.py --real-data      # one pass over real data: packed / bucketed vs PEFT's collators
     python scripts/bench_throughput.py --device gpu     # the same on a GPU (jax with CUDA, torch with CUDA)
     python scripts/bench_throughput.py --device gpu --model llama1b --dtype bfloat16    # ~1.2B random Llama, seq 2048
     python scripts/bench_throughput.py --model llama1b --set num_hidden_layers=1 hidden_size=128 \\
@@ -24,7 +25,7 @@ blocks of --steps / --blocks steps, ABBA order (jaxlora, PEFT, PEFT, jaxlora, ..
 its stdin. tokens/s = batch x seq (padded: both compute every position) / step time, median over blocks; the non-pad
 rate is reported too. MFU = tokens/s x `jaxlora.training.metrics.train_flops_per_token` / the measured matmul peak (CPU:
 `measure_peak_flops`, float32 2048^3, measured in the jaxlora worker between blocks, so under the same load).
-Memory (CPU): RSS of each worker; "peak" = ru_maxrss (loading, compilation and training), "steady" = VmHWM reset
+Memory (CPU): RSS of each worker; "peak" = VmHWM (loading, compilation and training), "steady" = VmHWM reset
 after warm-up (the timed steps only), "loaded" = RSS after the model and batches are in. GPU: device memory
 (jax `memory_stats()['peak_bytes_in_use']`, `torch.cuda.max_memory_allocated`). The 2-core CPU is often shared:
 the load average at start and end is recorded with every run; numbers taken under load are not comparable.
@@ -39,17 +40,16 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-from bench_common import machine_info, maxrss_kb, reset_peak, status_kb, versions  # noqa: E402 (scripts/)
+from bench_common import (WorkerProcess, machine_info, maxrss_kb, reply, reset_peak, status_kb,  # noqa: E402
+                          versions)
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MARK = "@@bench "  # prefix of the workers' reply lines (libraries may print to stdout too)
 TINY_LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128, hidden_size=64,
                   intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1,
@@ -157,10 +157,11 @@ class JaxWorker:
         skip_tpu_backend_without_tpu()  # no libtpu noise on a CPU/GPU host
         mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
         if args.model_path:
-            self.model = from_pretrained(args.model_path, args.dtype, mesh=mesh, attention_impl=args.attention_impl)
+            self.model = from_pretrained(args.model_path, args.dtype, mesh=mesh, attention_impl=args.attention_impl,
+                                         loss_chunk=args.loss_chunk)
         else:
             self.model = Model.random(hf_config(args), dtype=args.dtype, param_dtype=args.dtype, mesh=mesh,
-                                      attention_impl=args.attention_impl)
+                                      attention_impl=args.attention_impl, loss_chunk=args.loss_chunk)
         batches = _load_batches(args.batches_file)
         self.batches = [step_lib.place_batch(b, mesh) for b in batches]
         jax.block_until_ready((self.model.params, self.batches))
@@ -260,10 +261,6 @@ def serve(args) -> None:
     import logging
     logging.basicConfig(level=logging.WARNING)
 
-    def reply(obj):
-        sys.stdout.write(MARK + json.dumps(obj) + "\n")
-        sys.stdout.flush()
-
     t0 = time.perf_counter()
     w = JaxWorker(args) if args.worker == "jaxlora" else PeftWorker(args)
     build_s = time.perf_counter() - t0
@@ -293,42 +290,21 @@ def _torch_threads():
     return sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
 
 
-class Worker:
+class Worker(WorkerProcess):
     """The driver's handle on one worker subprocess."""
 
     def __init__(self, name: str, args, workdir: pathlib.Path, prep: dict):
         cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", name,
                "--batches-file", str(workdir / "batches.npz"), "--model-path", prep["model_path"] or ""]
-        for k in ("model", "seq", "batch", "r", "alpha", "lr", "warmup", "steps", "blocks", "device", "dtype", "seed"):
-            cmd += [f"--{k}", str(getattr(args, k))]
+        for k in ("model", "seq", "batch", "r", "alpha", "lr", "warmup", "steps", "blocks", "device", "dtype", "seed",
+                  "loss_chunk"):
+            cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
         env = _worker_env(args)
         if name == "peft" and args.omp_wait_policy == "passive":
             env["OMP_WAIT_POLICY"] = "PASSIVE"
         cmd += ["--set", *args.set] if args.set else []
         cmd += ["--attention-impl", args.attention_impl] if args.attention_impl else []
-        self.name = name
-        self.log = open(workdir / f"{name}.log", "w")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env=env, bufsize=1)
-
-    def read(self) -> dict:
-        for line in self.proc.stdout:
-            if line.startswith(MARK):
-                return json.loads(line[len(MARK):])
-        self.proc.wait()
-        raise RuntimeError(f"{self.name} worker exited (rc {self.proc.returncode}); see its log:\n"
-                           + pathlib.Path(self.log.name).read_text()[-4000:])
-
-    def ask(self, **cmd) -> dict:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        return self.read()
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self.log.close()
+        super().__init__(name, cmd, env, workdir)
 
 
 def _worker_env(args) -> dict:
@@ -399,7 +375,7 @@ def run(args) -> dict:
             "wall_s": time.perf_counter() - t_start, "model": _model_name(args), "data": prep["data"],
             "args": {k: getattr(args, k) for k in ("model", "seq", "batch", "r", "alpha", "lr", "warmup", "steps",
                                                    "blocks", "device", "dtype", "quick", "set",
-                                                   "omp_wait_policy", "attention_impl")},
+                                                   "omp_wait_policy", "attention_impl", "loss_chunk")},
             "flops_per_token": fpt, "peak_flops": peak, "peak_flops_samples": peaks,
             "ratio_jaxlora_over_peft": out["jaxlora"]["tokens_per_s"] / out["peft"]["tokens_per_s"], **out}
 
@@ -422,7 +398,8 @@ def table(res: dict) -> str:
     lines = [
         "# LoRA training throughput: jaxlora vs PEFT", "",
         f"Model: {res['model']}, {a['dtype']}; LoRA r={a['r']}, alpha {a['alpha']:g}, dropout 0 on "
-        f"{', '.join(ALL_LINEAR)}; batch {a['batch']} x {a['seq']} tokens; AdamW lr {a['lr']:g}; data: {res['data']}.",
+        f"{', '.join(ALL_LINEAR)}; batch {a['batch']} x {a['seq']} tokens; AdamW lr {a['lr']:g}; jaxlora "
+        f"model.loss_chunk {a.get('loss_chunk', 0)}; data: {res['data']}.",
         f"Protocol: {a['warmup']} warm-up steps, then {a['steps']} timed steps per framework in {a['blocks']} "
         f"alternating blocks (ABBA); tokens/s = batch x seq / step time, median of blocks. PEFT worker: "
         f"{res['peft']['torch_threads']} torch threads, OMP_WAIT_POLICY {a['omp_wait_policy']}.",
@@ -453,7 +430,7 @@ def table(res: dict) -> str:
               + ", ".join(f"{p / 1e9:.0f}" for p in res["peak_flops_samples"]) + "). PEFT's MFU uses the same count.",
               f"jaxlora: compile {j['compile_s']:.1f}s (in the warm-up, not timed). Memory: "
               + ("device memory (jax peak_bytes_in_use, torch.cuda.max_memory_allocated)." if gpu else
-                 "each framework runs in its own subprocess; peak = ru_maxrss (load + compile + train), steady = "
+                 "each framework runs in its own subprocess; peak = VmHWM over the whole life (load + compile + train), steady = "
                  "VmHWM reset after warm-up (timed steps only), loaded = RSS with model and batches in memory.")]
     return "\n".join(lines) + "\n"
 
@@ -480,6 +457,11 @@ def parse_args(argv=None):
                    help="passive: OMP_WAIT_POLICY=PASSIVE for the PEFT worker (torch's OpenMP threads sleep instead of "
                         "spinning at barriers; far faster when the cores are shared with other processes)")
     p.add_argument("--quick", action="store_true", help="tiny random Llama, random tokens (smoke test)")
+    p.add_argument("--loss-chunk", type=int, default=0,
+                   help="jaxlora's model.loss_chunk: tokens per chunk of the head in the loss (0: all logits at once)")
+    p.add_argument("--real-data", action="store_true",
+                   help="instead: one pass over real variable-length data, jaxlora packed/bucketed vs PEFT padded/"
+                        "padding-free/packed (scripts/bench_realdata.py; its options apply, e.g. --examples)")
     p.add_argument("--out-md", default=str(ROOT / "docs" / "bench_throughput.md"))
     p.add_argument("--out-json", default=None, help="default: --out-md with .json")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -500,6 +482,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--real-data" in argv:  # one pass over variable-length data, packed / bucketed / PEFT's collators
+        import bench_realdata
+        return bench_realdata.main([a for a in argv if a != "--real-data"])
     args = parse_args(argv)
     if args.worker:
         args.model_path = args.model_path or None

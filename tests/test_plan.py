@@ -2,18 +2,21 @@
 on a compile-only TPU topology from libtpu (CI installs it; JAXLORA_NO_TPU_AOT=1 skips that part explicitly)."""
 
 import json
+import math
 import os
 
 import dataclasses
 
+import jax
 import pytest
+from flax import traverse_util
 
 from jaxlora import plan as plan_lib
 from jaxlora.cli import main
 from jaxlora.config import ModelConfig, RunConfig, TrainConfig
 from jaxlora.training.data import DataConfig
 from jaxlora.lora import LoraConfig
-from jaxlora.plan import search as search_lib
+from jaxlora.plan import command as command_lib, search as search_lib
 from jaxlora.sharding import MeshConfig, make_mesh
 
 TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128, hidden_size=64,
@@ -106,6 +109,47 @@ def test_predicted_search_picks_the_exhaustive_micro_batch_on_a_compiled_step():
     assert pred.largest == exh.largest >= 2
     assert len(pred.compiled) < len(exh.compiled)
     assert pred.next_peak > budget >= planner.train(pred.largest).peak
+
+
+def _shard_bytes(tree, shardings) -> int:
+    """Per-chip bytes of `tree` (ShapeDtypeStructs, QArrays of them) in `shardings`."""
+    leaves = jax.tree.leaves(tree)
+    return sum(math.prod(sh.shard_shape(x.shape)) * x.dtype.itemsize
+               for x, sh in zip(leaves, jax.tree.leaves(shardings)))
+
+
+def test_qlora_plan_compiles_the_quantized_base():
+    """model.quantization: nf4 (double quant) plans the quantized model: the compiled train step's arguments are
+    the dense plan's less exactly the block kernels' dense bytes plus their nf4 codes and scales (per chip, fsdp
+    sharded), which are ~4.5/32 of the float32 kernels (4-bit codes + an f32 absmax per 64; down_proj's 96 inputs
+    padded to 128); LoRA-GA's exact estimation accumulates float32 gradients of the dense kernels."""
+    from jaxlora.plan.compile import planned_model
+    tgt = plan_lib.resolve_target("cpu8")
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4), plan_lib.target_devices(tgt))
+    dense_cfg = tiny_config(micro_batch_size=2)
+    nf4_cfg = dataclasses.replace(dense_cfg, model=dataclasses.replace(dense_cfg.model, quantization="nf4",
+                                                                       double_quant=True))
+    dense, nf4 = (plan_lib.Planner(c, mesh, None, tgt.hbm_bytes, TINY) for c in (dense_cfg, nf4_cfg))
+    model = nf4.model
+    assert model.quantization.kind == "nf4" and model.quantized_paths
+    assert planned_model(dense_cfg, mesh, None, TINY).quantization is None
+    flat_q, flat_qs, flat_d, flat_ds = (traverse_util.flatten_dict(t) for t in (
+        model.abstract_params, model.param_shardings, model.dense_abstract_params, model.dense_param_shardings))
+    q_bytes = sum(_shard_bytes(flat_q[p], flat_qs[p]) for p in model.quantized_paths)
+    d_bytes = sum(_shard_bytes(flat_d[p], flat_ds[p]) for p in model.quantized_paths)
+    assert 4.5 / 32 < q_bytes / d_bytes < 4.5 / 32 * 128 / 96 + 0.01, (q_bytes, d_bytes)
+    plans = {"dense": dense.train(1), "nf4": nf4.train(1)}
+    assert plans["nf4"].memory.argument == plans["dense"].memory.argument - d_bytes + q_bytes
+    assert plans["nf4"].parts["weights"] == plans["dense"].parts["weights"] - d_bytes + q_bytes
+    assert plans["nf4"].parts["adapters"] == plans["dense"].parts["adapters"]  # the same LoRA tree
+    ga = nf4.lora_ga_exact()
+    targets = model.lora_targets(nf4_cfg.lora)
+    assert ga.fits and ga.parts["accumulators"] == 4 * sum(
+        math.prod(flat_ds[t.path + ("kernel",)].shard_shape(flat_d[t.path + ("kernel",)].shape)) for t in targets)
+    assert ga.parts["weights"] == plans["nf4"].parts["weights"]
+    report = plan_lib.PlanReport(tgt, "tiny", model.config.num_params, dict(mesh.shape), "none", 32, tgt.hbm_bytes,
+                                 plans["nf4"], None, base=command_lib.base_description(nf4_cfg))
+    assert "base nf4 (double quant)" in report.format()
 
 
 def test_impossible_budget_says_how_far_over():

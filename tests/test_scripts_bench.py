@@ -2,6 +2,7 @@
 
 scripts/bench_throughput.py: jaxlora vs PEFT LoRA training throughput (two worker subprocesses, alternating blocks).
 scripts/convergence.py: LoRA vs LoRA-GA vs full fine-tuning curves, table and plot.
+scripts/bench_quant.py: QLoRA (nf4 / int8) vs bf16 / fp32 bases: weight bytes, RSS, tokens/s, losses (nf4 here).
 Each runs in a subprocess with one CPU device (the suite's 8 simulated devices are stripped from XLA_FLAGS). Numbers
 are not checked against targets here (the machine may be shared); only shape, finiteness and internal consistency.
 """
@@ -37,6 +38,19 @@ def test_bench_throughput_quick(tmp_path):
     assert "| framework | tokens/s |" in md and "load average" in md and "MFU" in md
     assert len([line for line in md.splitlines() if line.startswith("| jaxlora |")]) == 1
     assert "| PEFT + transformers |" in md
+
+
+def test_bench_quant_quick_streams_each_step(tmp_path):
+    """The nf4 variant alone (one compile): a progress line per step as the worker goes, and its result."""
+    out = tmp_path / "bench_quant.json"
+    proc = _run(["scripts/bench_quant.py", "--quick", "--variants", "nf4", "--steps", "2", "--out", str(out)])
+    steps = [line for line in proc.stdout.splitlines() if line.lstrip().startswith("[nf4] step ")]
+    assert [s.split()[2] for s in steps] == ["1/2", "2/2"] and "compiled for " in steps[0], proc.stdout
+    res = json.loads(out.read_text())
+    (r,) = res["results"]
+    assert r["variant"] == "nf4" and r["quantization"] == "nf4" and r["finite"] and len(r["losses"]) == 2
+    assert 0 < r["quantized_kernel_bytes"] < r["weight_bytes"] and len(r["step_s"]) == 2
+    assert r["peak_rss_mb"] > 0 and res["nf4_vs_bf16"] is None and isinstance(res["tokens_per_s_under_load"], bool)
 
 
 def test_convergence_quick(tmp_path):

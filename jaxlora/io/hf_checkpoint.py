@@ -10,7 +10,9 @@ The name table maps our param paths to HF keys (and back, for export):
 
     ("model/layers/(self_attn|mlp)/(\\w+)/kernel", "model.layers.{layer}.{0}.{1}.weight", transpose)
 
-`{layer}` marks a stacked (scanned) parameter: one HF tensor per layer is stacked on a leading axis. Every expected
+`{layer}` marks a stacked (scanned) parameter: one HF tensor per layer is stacked on a leading axis; `{expert}` one
+stacked over experts as well (Mixtral's "...experts.{expert}.w1.weight": a (layers, experts, ...) param, one HF
+tensor per layer and expert, layer-major). Every expected
 key must be present with the expected shape, and every key in the files must be expected (or explicitly ignored);
 anything else is an error naming the key and the file.
 """
@@ -41,7 +43,8 @@ class CheckpointError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class NameRule:
-    """Our param path (regex over '/'-joined path) -> HF key template ({0}.. = groups, {layer} = layer index)."""
+    """Our param path (regex over '/'-joined path) -> HF key template ({0}.. = groups, {layer} = layer index,
+    {expert} = expert index)."""
 
     path: str
     hf: str
@@ -68,12 +71,18 @@ class TensorMapping:
     hf_keys: tuple[str, ...]
     transpose: bool
     stacked: bool
+    experts: int = 0  # > 0: also stacked over this many experts (after the layer axis); hf_keys layer-major
+
+    @property
+    def lead(self) -> int:
+        """How many leading (layer, expert) axes index the HF tensors."""
+        return int(self.stacked) + int(self.experts > 0)
 
 
 def plan_mapping(table: NameTable, abstract_params, num_layers: int) -> list[TensorMapping]:
     """Expands the table over the model's param leaves; every leaf must be covered by exactly one rule."""
     out = []
-    for path in traverse_util.flatten_dict(abstract_params):
+    for path, leaf in traverse_util.flatten_dict(abstract_params).items():
         joined = "/".join(path)
         hits = [(rule, m) for rule in table.rules if (m := re.fullmatch(rule.path, joined))]
         if len(hits) != 1:
@@ -81,8 +90,10 @@ def plan_mapping(table: NameTable, abstract_params, num_layers: int) -> list[Ten
         rule, m = hits[0]
         stacked = table.stack_name in path
         layers = range(num_layers) if stacked else [None]
-        keys = tuple(rule.hf.format(*m.groups(), layer=layer) for layer in layers)
-        out.append(TensorMapping(path, keys, rule.transpose, stacked))
+        n_experts = leaf.shape[int(stacked)] if "{expert}" in rule.hf else 0
+        keys = tuple(rule.hf.format(*m.groups(), layer=layer, expert=expert)
+                     for layer in layers for expert in (range(n_experts) if n_experts else [None]))
+        out.append(TensorMapping(path, keys, rule.transpose, stacked, n_experts))
     return out
 
 
@@ -184,7 +195,7 @@ def load_params(folder, table: NameTable, abstract_params, shardings, num_layers
     out = {}
     for m in mapping:
         target = flat_abs[m.path]
-        per_layer = target.shape[1:] if m.stacked else target.shape
+        per_layer = target.shape[m.lead:]
         for key in m.hf_keys:
             shape = files.shape(key)
             got = shape[::-1] if m.transpose else shape
@@ -210,10 +221,11 @@ def _place(files: SafetensorsFolder, m: TensorMapping, target, sharding) -> jax.
         return np.asarray(t[index], dtype=dtype)
 
     def callback(index):
-        if not m.stacked:
+        if not m.lead:
             return read(m.hf_keys[0], index)
-        layers = range(len(m.hf_keys))[index[0]]
-        return np.stack([read(m.hf_keys[i], index[1:]) for i in layers])
+        which = np.arange(len(m.hf_keys)).reshape(target.shape[:m.lead])[index[:m.lead]]  # the (layer, expert) slice
+        parts = [read(m.hf_keys[i], index[m.lead:]) for i in which.ravel()]
+        return np.stack(parts).reshape(which.shape + parts[0].shape)
 
     return jax.make_array_from_callback(target.shape, sharding, callback)
 
@@ -237,8 +249,9 @@ def iter_hf_tensors(params, table: NameTable, num_layers: int) -> Iterator[tuple
     flat = traverse_util.flatten_dict(params)
     for m in mapping:
         value = np.asarray(jax.device_get(_gather(flat[m.path])))
+        value = value.reshape((-1,) + value.shape[m.lead:]) if m.lead else value
         for i, key in enumerate(m.hf_keys):
-            t = value[i] if m.stacked else value
+            t = value[i] if m.lead else value
             yield key, np.ascontiguousarray(t.T if m.transpose else t)
 
 

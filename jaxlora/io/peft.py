@@ -16,7 +16,9 @@ exported as a plain adapter on W0, so PEFT on the unmodified checkpoint reproduc
 
 so r doubles and alpha doubles (alpha/r) or grows by sqrt(2) (rsLoRA, alpha/sqrt(r)); pattern entries likewise.
 Whatever the config says, every module's exported rank and scale are checked against the tree and pinned with an
-explicit rank_pattern/alpha_pattern entry where PEFT would otherwise compute a different one.
+explicit rank_pattern/alpha_pattern entry where PEFT would otherwise compute a different one. PiSSA and OLoRA
+(`jaxlora.lora.inits`) are exported the same way. A DoRA adapter (use_dora) adds PEFT's
+`<module>.lora_magnitude_vector` (out,) per module, both ways.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ from flax import traverse_util
 
 from jaxlora.io import hf_checkpoint
 from jaxlora.io.hf_checkpoint import CheckpointError
-from jaxlora.lora import (INIT_METHODS, LoraConfig, matches, pattern_value, linear_modules, lora_items, module_names,
+from jaxlora.lora import (LoraConfig, matches, pattern_value, linear_modules, lora_items, module_names,
                           overlay, split_modules_to_save)
+from jaxlora.lora.targets import num_experts_of
+from jaxlora.lora.inits.dora import magnitude_sharding
 from jaxlora.lora.weights import LoraWeights
 
 log = logging.getLogger(__name__)
@@ -44,7 +48,7 @@ log = logging.getLogger(__name__)
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 # adapter_config.json fields whose non-default values this library cannot represent (field -> default).
-_UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "layers_to_transform": None, "lora_bias": False,
+_UNSUPPORTED = {"fan_in_fan_out": False, "layers_to_transform": None, "lora_bias": False,
                 "use_qalora": False, "target_parameters": None, "trainable_token_indices": None,
                 "alora_invocation_tokens": None, "megatron_config": None}
 
@@ -54,7 +58,11 @@ class PeftFormatError(CheckpointError):
 
 
 def _hf_module_names(model, path) -> list[str]:
-    return module_names(path, model.config.num_hidden_layers, model.names.stack_name)
+    """One name per layer (per layer and expert for stacked experts, layer-major, as the factors' leading axes)."""
+    stack = model.names.stack_name
+    kernel = linear_modules(model.abstract_params).get(tuple(path))
+    experts = num_experts_of(tuple(path), kernel.shape, stack) if kernel is not None else 0
+    return module_names(path, model.config.num_hidden_layers, stack, experts)
 
 
 def _short_name(model, path) -> str:
@@ -80,11 +88,15 @@ def peft_tensors(model, lora, modules_to_save=None) -> dict[str, np.ndarray]:
     out = {}
     for path, w in lora_items(lora):
         a, b = _factors(w)
-        stacked = model.names.stack_name in path
+        a, b = a.reshape((-1,) + a.shape[-2:]), b.reshape((-1,) + b.shape[-2:])  # (layers [x experts] or 1, .., ..)
         for i, name in enumerate(_hf_module_names(model, path)):
-            ai, bi = (a[i], b[i]) if stacked else (a, b)
+            ai, bi = a[i], b[i]
             out[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(ai.T)
             out[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(bi.T)
+        if w.dora:  # DoRA's magnitude per output channel (PEFT's key, no ".weight")
+            m = np.asarray(jax.device_get(hf_checkpoint._gather(w.m)))
+            for i, name in enumerate(_hf_module_names(model, path)):
+                out[f"{PREFIX}{name}.lora_magnitude_vector"] = np.ascontiguousarray(m.reshape(-1, m.shape[-1])[i])
     if modules_to_save:
         for key, value in hf_checkpoint.iter_hf_tensors(modules_to_save, model.names,
                                                         model.config.num_hidden_layers):
@@ -151,7 +163,8 @@ def peft_config_dict(model, lora, lora_config: LoraConfig, modules_to_save=None)
         **_rank_alpha(model, lora, lora_config), "lora_dropout": lora_config.lora_dropout,
         "target_modules": _target_list(model, lora), "use_rslora": lora_config.use_rslora, "bias": "none",
         "modules_to_save": _saved_module_names(model, modules_to_save), "init_lora_weights": True,
-        "fan_in_fan_out": False, "inference_mode": True, "use_dora": False,
+        "fan_in_fan_out": False, "inference_mode": True,
+        "use_dora": any(w.dora for _, w in lora_items(lora)),
     }
 
 
@@ -206,8 +219,6 @@ def read_peft_config(adapter_dir: Path) -> LoraConfig:
     _check_types(raw, path)
     if raw.get("peft_type", "LORA") != "LORA":
         raise PeftFormatError(f"{path}: peft_type {raw['peft_type']!r} is not supported (only LORA)")
-    if raw.get("use_dora"):
-        raise PeftFormatError(f"{path}: DoRA adapters (use_dora=true) are not supported")
     if raw.get("bias", "none") != "none":
         raise PeftFormatError(f"{path}: bias={raw['bias']!r} is not supported (only 'none')")
     for field, default in _UNSUPPORTED.items():
@@ -221,8 +232,8 @@ def read_peft_config(adapter_dir: Path) -> LoraConfig:
         return LoraConfig(
             r=raw["r"], lora_alpha=raw.get("lora_alpha", 8), lora_dropout=raw.get("lora_dropout", 0.0) or 0.0,
             target_modules=raw.get("target_modules"), exclude_modules=raw.get("exclude_modules"),
-            use_rslora=bool(raw.get("use_rslora", False)),
-            init_lora_weights=init if init in INIT_METHODS and init != "lora_ga" else True,
+            use_rslora=bool(raw.get("use_rslora", False)), use_dora=bool(raw.get("use_dora", False)),
+            init_lora_weights=init if init in (True, False, "gaussian") else True,
             rank_pattern=dict(raw.get("rank_pattern") or {}), alpha_pattern=dict(raw.get("alpha_pattern") or {}),
             modules_to_save=raw.get("modules_to_save"))
     except (KeyError, ValueError) as e:
@@ -321,16 +332,27 @@ def _load_lora(model, cfg: LoraConfig, files, where: Path) -> tuple[dict, set[st
                 raise PeftFormatError(f"{where}: missing {key} (adapter_config.json targets {names[0]})")
             _expect_shape(files, key, shape, where)
         used.update(keys_a + keys_b)
+        keys_m = [f"{PREFIX}{n}.lora_magnitude_vector" for n in names] if cfg.use_dora else []
+        for key in keys_m:
+            if key not in files.keys():
+                raise PeftFormatError(f"{where}: missing {key} (adapter_config.json has use_dora=true: a "
+                                      f"DoRA adapter needs the magnitude of every adapted module)")
+            _expect_shape(files, key, (d_out,), where)
+        used.update(keys_m)
 
-        def reader(keys, index, t=t):
-            if not t.stacked:
+        def reader(keys, index, lead=tuple(lead)):
+            if not lead:
                 return files.get(keys[0]).T[index]
-            return np.stack([files.get(keys[i]).T[index[1:]] for i in range(len(keys))[index[0]]])
+            which = np.arange(len(keys)).reshape(lead)[index[:len(lead)]]  # the (layer[, expert]) slice
+            parts = [files.get(keys[i]).T[index[len(lead):]] for i in which.ravel()]
+            return np.stack(parts).reshape(which.shape + parts[0].shape)
 
         sh = shardings[t.path]
         out[t.path] = LoraWeights(
             _place((*lead, d_in, t.rank), sh.a, dtype, lambda i, k=keys_a: reader(k, i)),
             _place((*lead, t.rank, d_out), sh.b, dtype, lambda i, k=keys_b: reader(k, i)),
+            m=_place((*lead, d_out), magnitude_sharding(sh.b, len(lead) + 2), dtype,
+                     lambda i, k=keys_m: reader(k, i)) if keys_m else None,
             scale=t.scale, dropout=cfg.lora_dropout)
     return traverse_util.unflatten_dict(out), used
 
@@ -380,18 +402,21 @@ def import_peft(model, adapter_dir: str | os.PathLike, *, modules_to_save: bool 
       `model.apply(params, ids, lora=lora)` and can keep training.
     Raises:
       PeftFormatError (a ValueError) naming the file and key for anything that does not fit the model: an
-      unsupported adapter type (DoRA, other PEFT methods, biases), modules the model lacks, a shape or vocabulary
-      mismatch, a truncated or missing weights file.
+      unsupported adapter type (other PEFT methods, biases, LoRA on embeddings), modules the model lacks, a shape or
+      vocabulary mismatch, a truncated or missing weights file.
     """
     where = Path(adapter_dir)
     if not where.is_dir():
         raise PeftFormatError(f"adapter folder {where} does not exist")
     cfg = read_peft_config(where)
     files = _FiniteTensors(_open_weights(where), where / WEIGHTS_FILE)
-    embed_keys = sorted(k for k in files.keys() if "lora_embedding" in k or "lora_magnitude" in k)
+    embed_keys = sorted(k for k in files.keys() if "lora_embedding" in k)
     if embed_keys:
-        raise PeftFormatError(f"{where / WEIGHTS_FILE}: {embed_keys[0]}: LoRA on embeddings and DoRA magnitudes "
-                              f"are not supported")
+        raise PeftFormatError(f"{where / WEIGHTS_FILE}: {embed_keys[0]}: LoRA on embeddings is not supported")
+    magnitudes = sorted(k for k in files.keys() if "lora_magnitude" in k)
+    if magnitudes and not cfg.use_dora:
+        raise PeftFormatError(f"{where / WEIGHTS_FILE}: {magnitudes[0]} is a DoRA magnitude but {CONFIG_FILE} has "
+                              f"use_dora=false")
     _check_target_names(model, cfg, where / CONFIG_FILE)
     lora, used = _load_lora(model, cfg, files, where / WEIGHTS_FILE)
     rest = files.keys() - used

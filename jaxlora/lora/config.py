@@ -6,8 +6,24 @@ Typed, frozen dataclasses validated in `__post_init__`; a run config's `lora:` s
 from __future__ import annotations
 
 import dataclasses
+import re
 
-INIT_METHODS = (True, False, "gaussian", "lora_ga")
+# "pissa_niter_K" (K >= 0 power iterations of a randomized SVD) is accepted besides these (`valid_init`).
+INIT_METHODS = (True, False, "gaussian", "lora_ga", "pissa", "olora", "lora_one")
+DATA_INITS = ("lora_ga", "lora_one")  # inits that estimate a gradient on batches (lora_ga_config's estimation options)
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def valid_init(method) -> bool:
+    return method in INIT_METHODS or (isinstance(method, str) and _PISSA_NITER.fullmatch(method) is not None)
+
+
+def pissa_niter(method) -> int | None:
+    """K of "pissa_niter_K" (a randomized SVD with K power iterations); None for exact "pissa" or another init."""
+    m = _PISSA_NITER.fullmatch(method) if isinstance(method, str) else None
+    return int(m.group(1)) if m else None
+
+
 class LoraConfigError(ValueError):
     pass
 
@@ -39,6 +55,8 @@ class LoraGAConfig:
     #                                     dtype before the offset. Off = the official code.
     factors_dtype: str = "float32"  # dtype of a0/b0 and so of the trained adapters
     seed: int = 0  # sketches and the "random" direction
+    lora_one_gamma: float = 64.0  # LoRA-One: the init is one rank-r gradient step W0 - (s/gamma) [G]_r / S_1
+    #                               (normalized by G's top singular value; 64 as the official code's README runs it)
     cache_dir: str | None = None  # save the statistics and the init here; a second run with the same inputs reuses them
 
     def __post_init__(self):
@@ -50,6 +68,8 @@ class LoraGAConfig:
             raise LoraGAError(f"lora_ga_config.svd_method must be one of {METHODS}, got {self.svd_method!r}")
         if self.batch_size <= 0 or self.num_batches <= 0:
             raise LoraGAError("lora_ga_config.batch_size and num_batches must be positive")
+        if not self.lora_one_gamma > 0:
+            raise LoraGAError(f"lora_ga_config.lora_one_gamma must be positive, got {self.lora_one_gamma}")
 
     def power_iters(self) -> int:
         if self.power_iterations is not None:
@@ -75,7 +95,9 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)  # module regex -> alpha
     modules_to_save: list[str] | None = None  # modules trained fully (e.g. lm_head, norms), matched as suffixes
     lora_dtype: str = "float32"  # dtype of a and b (and so of their optimizer state)
-    lora_ga_config: LoraGAConfig | None = None  # LoRA-GA options when init_lora_weights == "lora_ga"
+    use_dora: bool = False  # DoRA: a trained magnitude per output channel times the normalized W + s*a@b (PEFT's)
+    lora_ga_config: LoraGAConfig | None = None  # LoRA-GA options when init_lora_weights == "lora_ga"; its estimation
+    #                                             options (batches, svd_method, seed) and lora_one_gamma for "lora_one"
 
     def __post_init__(self):
         if self.r <= 0:
@@ -85,11 +107,17 @@ class LoraConfig:
                                   f"got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise LoraConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.init_lora_weights not in INIT_METHODS:
-            raise LoraConfigError(f"init_lora_weights must be one of {INIT_METHODS}, got {self.init_lora_weights!r}")
+        if not valid_init(self.init_lora_weights):
+            raise LoraConfigError(f"init_lora_weights must be one of {INIT_METHODS} or 'pissa_niter_K' (K an integer), "
+                                  f"got {self.init_lora_weights!r}")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise LoraConfigError("target_modules is an empty list")
-        if self.init_lora_weights == "lora_ga" and self.lora_ga_config is None:
+        init = self.init_lora_weights
+        relative = init in ("lora_ga", "pissa", "olora") or pissa_niter(init) is not None  # frozen a0/b0 offsets
+        if self.use_dora and relative:
+            raise LoraConfigError(f"use_dora with init_lora_weights={self.init_lora_weights!r} is not supported (an "
+                                  f"init relative to the base); use DoRA with True, False, 'gaussian' or 'lora_one'")
+        if self.init_lora_weights in DATA_INITS and self.lora_ga_config is None:
             object.__setattr__(self, "lora_ga_config", LoraGAConfig())
 
     def scale(self, r: int, alpha: float) -> float:

@@ -41,12 +41,33 @@ def pattern_value(patterns: Mapping[str, Any], name: str, default):
     return default
 
 
-def module_names(path: tuple[str, ...], num_layers: int, stack_name: str = "layers") -> list[str]:
-    """HF module names of a param path: one per layer when the path goes through the stacked layers."""
-    if stack_name in path:
-        i = path.index(stack_name) + 1
-        return [".".join(path[:i] + (str(layer),) + path[i:]) for layer in range(num_layers)]
-    return [".".join(path)]
+EXPERT_STACK = "experts"  # a module of stacked experts (Mixtral): its kernels carry an expert axis after "layers"
+
+
+def module_names(path: tuple[str, ...], num_layers: int, stack_name: str = "layers", num_experts: int = 0
+                 ) -> list[str]:
+    """HF module names of a param path: one per layer when the path goes through the stacked layers, and one per
+    (layer, expert), layer-major, when it also goes through `EXPERT_STACK` with `num_experts` experts
+    ("model.layers.3.block_sparse_moe.experts.5.w1")."""
+    layers = range(num_layers) if stack_name in path else [None]
+    experts = range(num_experts) if num_experts and EXPERT_STACK in path else [None]
+    i = path.index(stack_name) + 1 if stack_name in path else None
+    j = path.index(EXPERT_STACK) + 1 if experts[0] is not None else None
+    names = []
+    for layer in layers:
+        for expert in experts:
+            parts = []
+            for k, part in enumerate(path, 1):
+                parts += [part] + ([str(layer)] if k == i else []) + ([str(expert)] if k == j else [])
+            names.append(".".join(parts))
+    return names
+
+
+def num_experts_of(path: tuple[str, ...], kernel_shape: tuple[int, ...], stack_name: str = "layers") -> int:
+    """The expert count of a kernel under `EXPERT_STACK` ((layers,) experts, in, out), else 0."""
+    if EXPERT_STACK not in path:
+        return 0
+    return kernel_shape[1 if stack_name in path else 0]
 
 
 def linear_modules(abstract_params) -> dict[tuple[str, ...], Any]:
@@ -66,7 +87,7 @@ def resolve_targets(abstract_params, cfg: LoraConfig, num_layers: int, default_t
             raise LoraConfigError("target_modules is required for this model (it has no default targets)")
     targets, all_names = [], []
     for path, kernel in kernels.items():
-        names = module_names(path, num_layers, stack_name)
+        names = module_names(path, num_layers, stack_name, num_experts_of(path, kernel.shape, stack_name))
         all_names.extend(names)
         if spec == "all-linear":
             hits = [path[-1] != output_module for _ in names]

@@ -53,12 +53,17 @@ def init_lora(model, lora_config: LoraConfig, rng: jax.Array) -> dict:
       lora_config: which modules to adapt and how.
       rng: PRNG key.
     Returns:
-      The LoRA tree: `LoraWeights` leaves at the targeted module paths. For init_lora_weights="lora_ga" use
-      `jaxlora.lora_ga_init(model, lora_config, batches)`.
+      The LoRA tree: `LoraWeights` leaves at the targeted module paths (with DoRA's magnitudes m = ||W + s*a@b||_c
+      if lora_config.use_dora). For init_lora_weights="lora_ga" use `jaxlora.lora_ga_init(model, lora_config,
+      batches)`; for PiSSA, OLoRA and LoRA-One, `jaxlora.lora.inits`.
     """
     if lora_config.init_lora_weights == "lora_ga":
         raise LoraConfigError("init_lora_weights='lora_ga' needs gradients: call jaxlora.lora_ga_init(model, "
                               "lora_config, batches) instead of init_lora")
+    if lora_config.init_lora_weights not in (True, False, "gaussian"):  # PiSSA, OLoRA, LoRA-One
+        raise LoraConfigError(f"init_lora_weights={lora_config.init_lora_weights!r} is computed from the weights or "
+                              f"the data: call jaxlora.lora.inits.weight_init(model, lora_config) (PiSSA, OLoRA) or "
+                              f"lora_one_init(model, lora_config, batches) instead of init_lora")
     targets = model.lora_targets(lora_config)
     key = (tuple(targets), lora_config.init_lora_weights, lora_config.lora_dtype, lora_config.lora_dropout)
     cache = model.__dict__.setdefault("_lora_init_fns", {})  # one compiled init per LoRA layout and model
@@ -72,6 +77,9 @@ def init_lora(model, lora_config: LoraConfig, rng: jax.Array) -> dict:
                               lora_config.init_lora_weights, dtype), scale=t.scale, dropout=lora_config.lora_dropout))
 
         cache[key] = jax.jit(make_all, out_shardings=model.lora_shardings(targets, lora_config))
+    if lora_config.use_dora:  # DoRA's magnitudes from the model's weights (jaxlora.lora.inits.dora)
+        from jaxlora.lora.inits.dora import add_magnitudes
+        return add_magnitudes(model, cache[key](rng))
     return cache[key](rng)
 
 
@@ -89,7 +97,13 @@ def _fold(params, lora, sign: float):
         if w.a0 is not None:  # an init relative to the base (LoRA-GA): the update is s*(a@b - a0@b0)
             delta = delta - jnp.matmul(w.a0.astype(jnp.float32), w.b0.astype(jnp.float32))
         delta = delta * (sign * w.scale)
-        flat[path + ("kernel",)] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+        merged = kernel.astype(jnp.float32) + delta
+        if w.m is not None:  # DoRA: each output channel rescaled to its magnitude, m * (W + s*a@b) / ||W + s*a@b||_c
+            if sign < 0:
+                raise LoraConfigError("unmerge is not defined for DoRA: the merged kernel no longer holds the "
+                                      "column norms of W + s*a@b; keep the base weights and merge again instead")
+            merged = merged * (w.m.astype(jnp.float32) / jnp.linalg.norm(merged, axis=-2))[..., None, :]
+        flat[path + ("kernel",)] = merged.astype(kernel.dtype)
     return traverse_util.unflatten_dict(flat)
 
 
@@ -98,7 +112,8 @@ _fold_jit = jax.jit(_fold, static_argnums=2)
 
 def merge(params, lora, lora_config: LoraConfig | None = None):
     """W + s * a @ b for every adapted kernel (computed in float32, cast back to the base dtype); W + s*(a@b - a0@b0)
-    for an adapter whose init is relative to the base (LoRA-GA).
+    for an adapter whose init is relative to the base (LoRA-GA, PiSSA, OLoRA); m * (W + s*a@b) / ||W + s*a@b||_c per
+    output channel for DoRA.
 
     The scale comes from each LoraWeights leaf; `lora_config` is accepted for symmetry with PEFT and unused.
     """
@@ -107,7 +122,7 @@ def merge(params, lora, lora_config: LoraConfig | None = None):
 
 
 def unmerge(params, lora, lora_config: LoraConfig | None = None):
-    """Inverse of `merge`: W - s * a @ b."""
+    """Inverse of `merge`: W - s * a @ b (not defined for DoRA: an error)."""
     del lora_config
     return _fold_jit(params, lora, -1.0)
 

@@ -9,12 +9,15 @@ Only `a` and `b` are pytree leaves (trained, checkpointed, given optimizer state
 alpha/sqrt(r)) and `dropout` are static, so every model call knows how to apply the adapter with no config at hand
 and a jit recompiles if they change.
 
-`a0`/`b0` are set only by inits relative to the base (LoRA-GA): the initial factors, frozen. The frozen kernel
-stays the loaded W0 and the branch computes the update relative to it, s*x@(a@b - a0@b0), which is zero (to rounding) at
-step 0 (a = a0, b = b0). So several such adapters share one base, the model at step 0 is the base in any dtype,
-dropout needs no special case, and resume, merge and export need no residual. In a train state they sit outside the
-trainable tree (`TrainState.frozen`, no gradient, no optimizer state; `jaxlora.lora.split_offsets`), and the adapter
+`a0`/`b0` are set only by inits relative to the base (LoRA-GA, PiSSA, OLoRA): the initial factors, frozen. The frozen
+kernel stays the loaded W0 and the branch computes the update relative to it, s*x@(a@b - a0@b0), which is zero (to
+rounding) at step 0 (a = a0, b = b0). So several such adapters share one base, the model at step 0 is the base in any
+dtype, dropout needs no special case, and resume, merge and export need no residual. In a train state they sit outside
+the trainable tree (`TrainState.frozen`, no gradient, no optimizer state; `jaxlora.lora.split_offsets`), and the adapter
 exports to PEFT on the original weights as a' = [a, a0], b' = [b, -b0].
+
+`m` is set only for DoRA (`jaxlora.lora.inits.dora`): a trained magnitude per output channel; the branch then rescales
+the whole layer, m * (W + s*a@b) / ||W + s*a@b||_c, with the norm from `dora_norm` (never the (in, out) matrix).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import struct
 
 
@@ -31,6 +35,7 @@ class LoraWeights:
     b: Any  # (..., r, out)
     a0: Any = None  # (..., in, r) initial a of an init relative to the base (LoRA-GA), frozen; None otherwise
     b0: Any = None  # (..., r, out) initial b, frozen
+    m: Any = None  # (..., out) DoRA's magnitude vector, trained (`jaxlora.lora.inits.dora`); None for plain LoRA
     scale: float = struct.field(pytree_node=False, default=1.0)
     dropout: float = struct.field(pytree_node=False, default=0.0)
 
@@ -42,6 +47,30 @@ class LoraWeights:
     def relative_to_base(self) -> bool:
         """True when the update is s*(a@b - a0@b0): an init relative to the base (LoRA-GA)."""
         return self.a0 is not None
+
+
+    @property
+    def dora(self) -> bool:
+        """True for a DoRA adapter: the output is (m / ||W + s*a@b||_c) * x@(W + s*a@b) (`jaxlora.lora.inits.dora`)."""
+        return self.m is not None
+
+
+def dora_norm(kernel, a, b, scale: float):
+    """||W + s*a@b||_c, DoRA's norm of each output channel (column of the kernel (..., in, out)), float32 (..., out),
+    without forming the (in, out) matrix W + s*a@b:
+
+        ||W_j + s (ab)_j||^2 = ||W_j||^2 + 2s <a^T W, b>_j + s^2 <(a^T a) b, b>_j
+
+    (a^T W is (r, out), a^T a (r, r)). Costs r*in*out multiply-adds, as forming a@b would, with no (in, out)
+    temporary besides the kernel itself; the squared kernel columns are a fused reduction.
+    """
+    hi = jax.lax.Precision.HIGHEST
+    k, a, b = (t.astype(jnp.float32) for t in (kernel, a, b))
+    a_t = jnp.swapaxes(a, -1, -2)
+    colsq = jnp.sum(k * k, axis=-2)
+    cross = jnp.sum(b * jnp.matmul(a_t, k, precision=hi), axis=-2)
+    low = jnp.sum(b * jnp.matmul(jnp.matmul(a_t, a, precision=hi), b, precision=hi), axis=-2)
+    return jnp.sqrt(jnp.maximum(colsq + (2.0 * scale) * cross + (scale * scale) * low, 0.0))
 
 
 def is_lora_leaf(x) -> bool:

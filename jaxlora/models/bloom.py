@@ -181,7 +181,7 @@ class BloomModel(LayerStack):
 
 def alibi_positions(attention_mask_BxT: jax.Array) -> jax.Array:
     """HF's ALiBi positions: (cumsum(mask) - 1) * mask, i.e. 0.. over real tokens whatever the padding."""
-    mask = attention_mask_BxT.astype(jnp.int32)
+    mask = (attention_mask_BxT != 0).astype(jnp.int32)  # a packed row's segment ids count as real tokens
     return (jnp.cumsum(mask, axis=-1) - 1) * mask
 
 
@@ -190,7 +190,7 @@ class BloomForCausalLM(ModelRoot):
 
     @nn.compact
     def __call__(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None, lora=None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, hidden_only: bool = False):
         lora = lora or {}
         if attention_mask_BxT is None:
             attention_mask_BxT = jnp.ones(input_ids_BxT.shape, jnp.int32)
@@ -199,6 +199,8 @@ class BloomForCausalLM(ModelRoot):
         model = BloomModel(self.cfg, self.dtype, self.param_dtype, self.remat, deterministic, self.attention_impl,
                            name="transformer")
         x_BxTxD, embed = model(input_ids_BxT, attention_mask_BxT, positions_BxT, lora.get("transformer"))
+        if hidden_only:  # the final hidden states: `Model.loss_sums` applies the head in chunks
+            return x_BxTxD
         if self.cfg.tie_word_embeddings:
             return embed.attend(x_BxTxD)
         return LoraDense(self.cfg.vocab_size, ("embed", "vocab"), False, self.dtype, self.param_dtype,
@@ -206,4 +208,5 @@ class BloomForCausalLM(ModelRoot):
 
 
 FAMILY = Family(name="bloom", config_cls=BloomConfig, module_cls=BloomForCausalLM, names=NAMES,
-                architectures=SUPPORTED_ARCHITECTURES, model_types=("bloom",), default_targets=("query_key_value",))
+                architectures=SUPPORTED_ARCHITECTURES, model_types=("bloom",), default_targets=("query_key_value",),
+                embedding_path=("transformer", "word_embeddings", "embedding"))

@@ -27,7 +27,7 @@ import numpy as np
 from jaxlora import sharding
 from jaxlora.io.hf_checkpoint import NameTable
 from jaxlora.losses import next_token_loss_sums
-from jaxlora.lora.weights import LoraWeights, low_rank_matmul
+from jaxlora.lora.weights import LoraWeights, dora_norm, low_rank_matmul
 from jaxlora.quant.qarray import QArray, dequantize, is_quantized
 
 REMAT_POLICIES = ("none", "full", "save_matmuls")
@@ -43,7 +43,9 @@ class Family:
     config) -> dict` derives the module's further inputs from a batch (T5's decoder inputs); `init_cache(config,
     batch, length, dtype)` a zeroed KV cache whose leaves all have the logical axes `cache_axes` (None: no cached
     generation); `default_targets` PEFT's target_modules when a LoraConfig gives none; `encoder_decoder` marks a
-    seq2seq model (its training data has the seq2seq layout).
+    seq2seq model (its training data has the seq2seq layout); `embedding_path` the input embedding of a causal LM
+    whose module can return its final hidden states (`hidden_only=True`), so that the loss applies the head (that
+    embedding, tied, or `lm_head/kernel`) over chunks of tokens instead of materializing every logit.
     """
 
     name: str
@@ -58,6 +60,13 @@ class Family:
     init_cache: Callable[..., Any] | None = None
     cache_axes: tuple[str | None, ...] | None = None
     encoder_decoder: bool = False
+    embedding_path: tuple[str, ...] | None = None  # a causal LM whose module takes `hidden_only` (returns the final
+    #   hidden states): where its tied embedding is; its head is then applied in chunks (`Model.loss_sums`)
+
+    @property
+    def causal_lm(self) -> bool:
+        """A decoder-only language model trained on next tokens (what `data.packing` can pack)."""
+        return self.objective is next_token_loss_sums and not self.encoder_decoder
 
     def __post_init__(self):
         if not self.architectures or not self.model_types:
@@ -137,13 +146,28 @@ class LoraDense(nn.Module):
             y = _quantized_dot(x.astype(self.dtype), kernel, jnp.dtype(self.dtype))
         else:
             y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if lora is not None and lora.m is not None:  # DoRA also rescales x@W: before the bias, as PEFT
+            y = y + self._dora_delta(x, kernel, y, lora).astype(y.dtype)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[1:]),
                               (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
-        if lora is not None:
+        if lora is not None and lora.m is None:
             y = y + (lora.scale * self._lora_branch(x, lora)).astype(y.dtype)
         return sharding.constrain(y, sharding.activation_axes(y.ndim, self.kernel_axes[1]))
+
+    def _dora_delta(self, x, kernel, y_base, lora: LoraWeights):
+        """DoRA's change to x@W, PEFT's DoraLinearVariant: (g - 1) * x_d@W + g * s * x_d@a@b with x_d = dropout(x) and
+        g = m / ||W + s*a@b||_c (the norm detached, DoRA §4.3, computed without forming W + s*a@b: `dora_norm`)."""
+        if is_quantized(kernel):
+            raise ValueError(f"{'/'.join(self.scope.path)}: DoRA needs a dense base kernel, this one is quantized")
+        cast = lambda t: t.astype(self.dtype)
+        x_in = cast(nn.Dropout(rate=lora.dropout)(x, deterministic=self.deterministic))
+        if lora.dropout > 0 and not self.deterministic:  # PEFT: the rescaled base term sees the dropped input too
+            y_base = jnp.dot(x_in, cast(kernel))
+        norm = jax.lax.stop_gradient(dora_norm(kernel, lora.a, lora.b, lora.scale))
+        g = cast(lora.m.astype(jnp.float32) / norm).reshape((1,) * (y_base.ndim - 1) + (-1,))
+        return (g - 1) * y_base + g * (lora.scale * low_rank_matmul(x_in, cast(lora.a), cast(lora.b)))
 
     def _kernel(self, d_in: int):
         """The kernel (in, out): a quantized one (`jaxlora.quant.QArray`, frozen) where the params hold one, else the
@@ -272,13 +296,21 @@ class ModelRoot(nn.Module):
 
 
 def causal_padding_mask(attention_mask_BxT: jax.Array, sliding_window: int | None) -> jax.Array:
-    """(B, 1, T, T) boolean: query i sees key j iff j <= i, j is not padding, and i - j < window."""
+    """(B, 1, T, T) boolean: query i sees key j iff j <= i, j is not padding, i - j < window, and both are in the
+    same segment.
+
+    `attention_mask` is 0 on padding and otherwise a segment id: all 1 for one sequence per row (HF's mask), 1, 2,
+    ... for the examples of a packed row (`jaxlora.training.data.packing`), whose attention is then block-diagonal.
+    A padding query (0) sees every real key before it, as with HF's mask (its output is never used).
+    """
     t = attention_mask_BxT.shape[1]
     i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
     allowed_TxT = j <= i
     if sliding_window is not None:
         allowed_TxT &= (i - j) < sliding_window
-    return allowed_TxT[None, None] & attention_mask_BxT.astype(bool)[:, None, None, :]
+    segment_BxT = attention_mask_BxT.astype(jnp.int32)
+    query, key = segment_BxT[:, None, :, None], segment_BxT[:, None, None, :]
+    return allowed_TxT[None, None] & (key != 0) & ((query == key) | (query == 0))
 
 
 # ---------------------------------------------------------------------------------- rotary attention and KV cache

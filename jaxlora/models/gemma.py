@@ -310,7 +310,7 @@ class GemmaForCausalLM(ModelRoot):
 
     @nn.compact
     def __call__(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None, lora=None,
-                 deterministic: bool = True, cache=None, cache_index=None):
+                 deterministic: bool = True, cache=None, cache_index=None, hidden_only: bool = False):
         """Logits (B, T, vocab); with a KV `cache` (`common.init_kv_cache`), (logits, updated cache). Decoding as
         in llama.py: `attention_mask_BxT` is then (B, S) over all cache slots and `positions_BxT` must be given."""
         c, lora = self.cfg, lora or {}
@@ -322,6 +322,8 @@ class GemmaForCausalLM(ModelRoot):
                            name="model")
         x_BxTxD, embed, cache = model(input_ids_BxT, attention_mask_BxT, positions_BxT, lora.get("model"),
                                       cache, cache_index)
+        if hidden_only:  # the final hidden states: `Model.loss_sums` applies the head in chunks
+            return x_BxTxD
         if c.tie_word_embeddings:
             logits = embed.attend(x_BxTxD)
         else:
@@ -348,4 +350,4 @@ FAMILY = Family(
     name="gemma", config_cls=GemmaConfig, module_cls=GemmaForCausalLM, names=GEMMA_NAMES,
     architectures=ARCHITECTURES, model_types=tuple(ARCHITECTURE_OF_MODEL_TYPE),
     default_targets=("q_proj", "v_proj"),  # PEFT's mapping for gemma2 and gemma3_text
-    init_cache=init_kv_cache, cache_axes=KV_CACHE_AXES)
+    init_cache=init_kv_cache, cache_axes=KV_CACHE_AXES, embedding_path=("model", "embed_tokens", "embedding"))

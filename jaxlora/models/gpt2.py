@@ -161,7 +161,7 @@ class GPT2LMHeadModel(ModelRoot):
 
     @nn.compact
     def __call__(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None, lora=None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, hidden_only: bool = False):
         lora = lora or {}
         if attention_mask_BxT is None:
             attention_mask_BxT = jnp.ones(input_ids_BxT.shape, jnp.int32)
@@ -173,6 +173,8 @@ class GPT2LMHeadModel(ModelRoot):
         model = GPT2Model(self.cfg, self.dtype, self.param_dtype, self.remat, deterministic, self.attention_impl,
                           name="transformer")
         x_BxTxD, wte = model(input_ids_BxT, attention_mask_BxT, positions_BxT, lora.get("transformer"))
+        if hidden_only:  # the final hidden states: `Model.loss_sums` applies the head in chunks
+            return x_BxTxD
         if self.cfg.tie_word_embeddings:
             return wte.attend(x_BxTxD)
         return LoraDense(self.cfg.vocab_size, ("embed", "vocab"), False, self.dtype, self.param_dtype,
@@ -180,4 +182,5 @@ class GPT2LMHeadModel(ModelRoot):
 
 
 FAMILY = Family(name="gpt2", config_cls=GPT2Config, module_cls=GPT2LMHeadModel, names=NAMES,
-                architectures=SUPPORTED_ARCHITECTURES, model_types=("gpt2",), default_targets=("c_attn",))
+                architectures=SUPPORTED_ARCHITECTURES, model_types=("gpt2",), default_targets=("c_attn",),
+                embedding_path=("transformer", "wte", "embedding"))

@@ -149,7 +149,7 @@ class LlamaForCausalLM(ModelRoot):
 
     @nn.compact
     def __call__(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None, lora=None,
-                 deterministic: bool = True, cache=None, cache_index=None):
+                 deterministic: bool = True, cache=None, cache_index=None, hidden_only: bool = False):
         """Logits (B, T, vocab); with a KV `cache` (see `init_cache`), (logits, updated cache).
 
         Decoding: the T tokens go to cache slots cache_index.., `attention_mask_BxT` is then (B, S) over all slots
@@ -164,6 +164,8 @@ class LlamaForCausalLM(ModelRoot):
                            self.attention_impl, name="model")
         x_BxTxD, embed, cache = model(input_ids_BxT, attention_mask_BxT, positions_BxT, lora.get("model"),
                                       cache, cache_index)
+        if hidden_only:  # the final hidden states: `Model.loss_sums` applies the head in chunks
+            return x_BxTxD
         if self.cfg.tie_word_embeddings:
             logits = embed.attend(x_BxTxD)
         else:
@@ -184,4 +186,5 @@ LLAMA_NAMES = NameTable(rules=(
 FAMILY = Family(
     name="llama", config_cls=LlamaConfig, module_cls=LlamaForCausalLM, names=LLAMA_NAMES,
     architectures=SUPPORTED_ARCHITECTURES, model_types=tuple(ARCHITECTURE_OF_MODEL_TYPE),
-    default_targets=("q_proj", "v_proj"), init_cache=init_kv_cache, cache_axes=KV_CACHE_AXES)
+    default_targets=("q_proj", "v_proj"), init_cache=init_kv_cache, cache_axes=KV_CACHE_AXES,
+    embedding_path=("model", "embed_tokens", "embedding"))

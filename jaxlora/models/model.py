@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxlora import lora as lora_lib, quant as quant_lib, sharding
 from jaxlora.io import hf_checkpoint
 from jaxlora.io.hf_checkpoint import CheckpointError, NameTable
+from jaxlora.losses import chunked_next_token_loss_sums
 from jaxlora.models.common import Family
 from jaxlora.models.registry import architecture_of, by_architecture, family_for  # noqa: F401 (architecture_of: public)
 
@@ -53,8 +54,9 @@ class Model:
 
     def __init__(self, config, module: nn.Module, names: NameTable, mesh: Mesh, rules=sharding.DEFAULT_RULES,
                  params=None, source: str | None = None, hf_config: dict | None = None, family: Family | None = None,
-                 quantization: quant_lib.QuantConfig | None = None):
+                 quantization: quant_lib.QuantConfig | None = None, loss_chunk: int = 0):
         self.config, self.module, self.names, self.mesh, self.rules = config, module, names, mesh, rules
+        self.loss_chunk = loss_chunk  # tokens per chunk of the causal LM head in `loss_sums` (0: all logits at once)
         self.family = family or by_architecture(config.architecture)
         self.params, self.source, self.hf_config = params, source, hf_config or {}
         boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
@@ -76,12 +78,13 @@ class Model:
 
     @classmethod
     def random(cls, hf_config: dict, *, dtype="float32", param_dtype="float32", mesh: Mesh | None = None,
-               seed: int = 0, quantization: str | None = None, double_quant: bool = False,
+               seed: int = 0, quantization: str | None = None, double_quant: bool = False, loss_chunk: int = 0,
                **module_kwargs) -> "Model":
         """A randomly initialized model for an HF config dict (tests, benchmarks, AOT planning); with
         `quantization`, the random dense kernels quantized."""
         model = cls._build(hf_config, dtype, param_dtype, mesh, quantization=quantization, double_quant=double_quant,
                            **module_kwargs)
+        model.loss_chunk = loss_chunk
         init = jax.jit(lambda rng: nn.meta.unbox(model._init_boxed(rng)), out_shardings=model.dense_param_shardings)
         model.params = init(jax.random.key(seed))
         if model.quantization is not None:
@@ -135,9 +138,32 @@ class Model:
         (T5: decoder inputs = labels shifted right)."""
         family = self.family
         inputs = family.model_inputs(batch, self.config) if family.model_inputs is not None else {}
+        head = self._chunked_head(params, lora)
+        if head is not None:  # the causal LM head in chunks of tokens: the (B, T, vocab) logits never exist
+            hidden = self.apply(params, batch["input_ids"], batch["attention_mask"], lora=lora,
+                                positions=batch.get("positions"), deterministic=deterministic,
+                                dropout_rng=dropout_rng, hidden_only=True, **inputs)
+            weight, vocab_major = head
+            return chunked_next_token_loss_sums(
+                hidden, weight, batch["labels"], vocab_major=vocab_major, dtype=self.module.dtype,
+                chunk=self.loss_chunk, softcap=getattr(self.config, "final_logit_softcapping", None), per_row=per_row)
         logits = self.apply(params, batch["input_ids"], batch["attention_mask"], lora=lora,
+                            positions=batch.get("positions"),  # packed rows (`data.packing`) restart them
                             deterministic=deterministic, dropout_rng=dropout_rng, **inputs)
         return family.objective(logits, batch["labels"], per_row=per_row)
+
+    def _chunked_head(self, params, lora):
+        """(head weight, vocab_major) when `loss_sums` can apply the head in chunks: `loss_chunk` set, a family
+        whose module returns its hidden states, and a plain head (no LoRA on lm_head, not quantized); else None."""
+        path = self.family.embedding_path
+        if not self.loss_chunk or path is None or (lora or {}).get("lm_head") is not None:
+            return None
+        tied = self.config.tie_word_embeddings
+        flat = traverse_util.flatten_dict(params)
+        weight = flat.get(path if tied else ("lm_head", "kernel"))
+        if weight is None or quant_lib.is_quantized(weight):
+            return None
+        return weight, tied
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -258,7 +284,7 @@ def read_hf_config(folder: Path) -> dict:
 def from_pretrained(path: str | os.PathLike, dtype="float32", *, param_dtype=None, mesh: Mesh | None = None,
                     remat: str = "none", attention_impl: str | None = None,
                     rules=sharding.DEFAULT_RULES, num_labels: int | None = None, seed: int = 0,
-                    quantization: str | None = None, double_quant: bool = False) -> Model:
+                    quantization: str | None = None, double_quant: bool = False, loss_chunk: int = 0) -> Model:
     """Loads a Hugging Face causal LM (local folder or hub id) into a sharded `jaxlora.Model`.
 
     Args:
@@ -273,6 +299,7 @@ def from_pretrained(path: str | os.PathLike, dtype="float32", *, param_dtype=Non
       quantization: None, "int8" or "nf4": the blocks' linear kernels are quantized as they load, tensor by tensor
         into their shardings (`jaxlora.quant`); embeddings, norms and the heads keep param_dtype.
       double_quant: nf4 only: also quantize the block scales (8-bit, blocks of 256; QLoRA's double quantization).
+      loss_chunk: a causal LM's training loss applies the head to this many tokens at a time (0: all at once).
     """
     folder = resolve_folder(path)
     hf_config = read_hf_config(folder)
@@ -282,6 +309,7 @@ def from_pretrained(path: str | os.PathLike, dtype="float32", *, param_dtype=Non
                          attention_impl=attention_impl, rules=rules, quantization=quantization,
                          double_quant=double_quant)
     model.source = str(folder)
+    model.loss_chunk = loss_chunk
     if model.config.tie_word_embeddings:  # some tied checkpoints still carry a copy of the embedding
         model.names = dataclasses.replace(model.names, ignore=model.names.ignore + (r"lm_head\.weight",))
     model.params = hf_checkpoint.load_params(folder, model.names, model.abstract_params, model.param_shardings,

@@ -140,7 +140,7 @@ class Qwen3ForCausalLM(ModelRoot):
 
     @nn.compact
     def __call__(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None, lora=None,
-                 deterministic: bool = True, cache=None, cache_index=None):
+                 deterministic: bool = True, cache=None, cache_index=None, hidden_only: bool = False):
         """Logits (B, T, vocab); with a KV `cache` (`common.init_kv_cache`), (logits, updated cache). Decoding as
         in llama.py: `attention_mask_BxT` is then (B, S) over all cache slots and `positions_BxT` must be given."""
         lora = lora or {}
@@ -152,6 +152,8 @@ class Qwen3ForCausalLM(ModelRoot):
                            name="model")
         x_BxTxD, embed, cache = model(input_ids_BxT, attention_mask_BxT, positions_BxT, lora.get("model"),
                                       cache, cache_index)
+        if hidden_only:  # the final hidden states: `Model.loss_sums` applies the head in chunks
+            return x_BxTxD
         if self.cfg.tie_word_embeddings:
             logits = embed.attend(x_BxTxD)
         else:
@@ -174,4 +176,4 @@ QWEN3_NAMES = NameTable(rules=(
 FAMILY = Family(
     name="qwen3", config_cls=Qwen3Config, module_cls=Qwen3ForCausalLM, names=QWEN3_NAMES,
     architectures=ARCHITECTURES, model_types=("qwen3",), default_targets=("q_proj", "v_proj"),
-    init_cache=init_kv_cache, cache_axes=KV_CACHE_AXES)
+    init_cache=init_kv_cache, cache_axes=KV_CACHE_AXES, embedding_path=("model", "embed_tokens", "embedding"))

@@ -8,11 +8,11 @@ targets); `FAMILIES` below lists them. Adding a family is one new file and one e
 
 from __future__ import annotations
 
-from jaxlora.models import bert, bloom, gemma, gpt2, llama, qwen3, t5
+from jaxlora.models import bert, bloom, gemma, gpt2, llama, mixtral, phi3, qwen3, t5
 from jaxlora.models.common import Family
 
 FAMILIES: tuple[Family, ...] = (llama.FAMILY, bloom.FAMILY, gpt2.FAMILY, bert.FAMILY, t5.FAMILY,
-                                qwen3.FAMILY, gemma.FAMILY)
+                                qwen3.FAMILY, gemma.FAMILY, phi3.FAMILY, mixtral.FAMILY)
 
 
 def _index(what: str, values) -> dict[str, Family]:

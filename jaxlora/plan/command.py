@@ -87,7 +87,8 @@ def plan(config: RunConfig, target: str, *, num_slices: int = 1, micro_batch: in
                            f"the {fmt_bytes(budget)} per chip of {tgt.name}; use more chips or slices, a larger "
                            f"fsdp split, model.remat: full, or a shorter data.max_length")
         report = PlanReport(tgt, config.model.path, model.config.num_params, dict(jmesh.shape), model.module.remat,
-                            planner.seq_len, budget, train, largest, largest_search=found, message=message)
+                            planner.seq_len, budget, train, largest, largest_search=found, message=message,
+                            base=base_description(config))
         if ga:
             report.lora_ga_exact, report.lora_ga_streaming = (f.result() for f in ga)
     except BaseException:
@@ -98,6 +99,14 @@ def plan(config: RunConfig, target: str, *, num_slices: int = 1, micro_batch: in
         report.search = _search(config, devices, tgt, budget, mesh_cfg, remat or config.model.remat, search_remat,
                                 search_mesh, max_micro_batch, hf_config, exhaustive_search)
     return report
+
+
+def base_description(config: RunConfig) -> str:
+    """How the frozen base is held: "nf4 (double quant)", "int8" (QLoRA), or its dtype."""
+    m = config.model
+    if m.quantization:
+        return m.quantization + (" (double quant)" if m.double_quant else "")
+    return str(m.param_dtype or m.dtype)
 
 
 def _make_mesh(mesh_cfg: sharding.MeshConfig, devices, tgt: Target):
@@ -133,13 +142,16 @@ TABLE_MODELS = ("llama-2-7b", "llama-2-13b", "llama-3-70b")
 TABLE_TARGETS = (("v4-32", 1), ("v5e-16", 1), ("v5p-32", 1), ("v5p-32", 2))
 
 
-def table_config(shape: str, num_slices: int = 1) -> RunConfig:
-    """The table's run: bf16 base, LoRA r=16 (alpha 32) on all linear layers, sequence 2048, remat save_matmuls,
-    FSDP over the chips of a slice and data parallelism across slices; LoRA-GA with its defaults (2 x 2048 batches,
-    packed one row per chip; streaming sketch rank 6r = 96)."""
+def table_config(shape: str, num_slices: int = 1, quantization: str | None = None,
+                 double_quant: bool = False, remat: str = "save_matmuls") -> RunConfig:
+    """The table's run: bf16 base (or, with `quantization`, its block kernels in nf4 / int8: QLoRA), LoRA r=16
+    (alpha 32) on all linear layers, sequence 2048, remat save_matmuls (or `remat`), FSDP over the chips of a slice
+    and data parallelism across slices; LoRA-GA with its defaults (2 x 2048 batches, packed one row per chip; streaming sketch
+    rank 6r = 96)."""
     from jaxlora.config import ModelConfig, TrainConfig
     from jaxlora.training.data import DataConfig
-    return RunConfig(model=ModelConfig(path=shape, dtype="bfloat16", param_dtype="bfloat16", remat="save_matmuls"),
+    return RunConfig(model=ModelConfig(path=shape, dtype="bfloat16", param_dtype="bfloat16", remat=remat,
+                                       quantization=quantization, double_quant=double_quant),
                      lora=lora_lib.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
                      data=DataConfig(max_length=2048, bucket_lengths=(2048,)),
                      train=TrainConfig(micro_batch_size=num_slices), mesh=sharding.MeshConfig(data=num_slices, fsdp=-1))
@@ -184,6 +196,43 @@ def table(models=TABLE_MODELS, targets=TABLE_TARGETS, max_micro_batch: int = 256
     return header + "\n" + "\n".join(rows) + "\n\n" + note + "\n"
 
 
+# (model, target, search the largest micro-batch): the issue's QLoRA cases; each row also planned with a bf16 base.
+QLORA_ROWS = (("llama-2-7b", "v5e-1", True), ("llama-2-13b", "v5e-16", False), ("llama-3-70b", "v4-32", False),
+              ("llama-3-70b", "v5e-16", False))
+QLORA_BASES = ((None, False), ("nf4", True))  # bf16, then QLoRA's nf4 with double quantization
+
+
+def qlora_table(rows=QLORA_ROWS, bases=QLORA_BASES, max_micro_batch: int = 8, remat: str = "full",
+                progress: Callable[[str], None] = print) -> str:
+    """The README's QLoRA table: each (model, target) planned with a bf16 base and with an nf4 (double quant) base,
+    as Markdown; remat full (QLoRA's gradient checkpointing: with save_matmuls, measured, the nf4 7B on one v5e chip
+    is 0.3 GiB and the nf4 13B on v5e-16 1.5 GiB over, from saved activations). The largest micro-batch is searched
+    where the row says so."""
+    lines, t0 = [], time.perf_counter()
+    for shape, name, search in rows:
+        for quantization, double_quant in bases:
+            t = time.perf_counter()
+            config = table_config(shape, quantization=quantization, double_quant=double_quant, remat=remat)
+            r = plan(config, name, micro_batch=1, search=search, max_micro_batch=max_micro_batch)
+            capped = "+" if r.largest and r.largest.per_chip >= max_micro_batch else ""
+            largest = (f"{r.largest.per_chip}{capped} ({r.largest.peak / GiB:.1f})" if r.largest else
+                       "none fits" if search or not r.train.fits else "not searched")
+            w = r.train.parts
+            lines.append(f"| {shape} | {name} | {r.hbm_bytes / GiB:.0f} | {r.base} | {w.get('weights', 0) / GiB:.2f} "
+                         f"| {_cell(r.train)} | {largest} | {_cell(r.lora_ga_exact)} | {_cell(r.lora_ga_streaming)} |")
+            progress(f"{lines[-1]}  <- {time.perf_counter() - t:.0f}s")
+    header = ("| model | target | HBM/chip | base | weights/chip | LoRA train, micro-batch 1/chip "
+              "| largest micro-batch/chip (GiB) | LoRA-GA exact estimation | LoRA-GA streaming estimation |\n"
+              "|---|---|---|---|---|---|---|---|---|")
+    note = (f"GiB per chip (XLA memory_analysis) of the compiled TPU programs: sequence 2048, LoRA r=16 on all "
+            f"linear layers, fp32 adapters and AdamW, remat {remat}, FSDP over the chips, the base in bf16 or in nf4 "
+            f"with double quantization (the blocks' linear kernels; embeddings, norms and lm_head stay bf16). "
+            f"LoRA-GA's exact estimation holds fp32 gradients of the (dequantized) kernels. (+x) = GiB over HBM; n+ = "
+            f"the search's cap (--max-micro-batch {max_micro_batch}) fits. Generated by `jaxlora plan --qlora-table "
+            f"--max-micro-batch {max_micro_batch}` in {time.perf_counter() - t0:.0f}s with jax {jax.__version__}.")
+    return header + "\n" + "\n".join(lines) + "\n\n" + note + "\n"
+
+
 def add_plan_arguments(c) -> None:
     """`jaxlora plan`'s arguments (an argparse parser)."""
     c.add_argument("--config", help="YAML run config (see configs/); model.path may be a folder, a hub id or one "
@@ -209,20 +258,26 @@ def add_plan_arguments(c) -> None:
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.add_argument("--table", action="store_true", help="compute the README table (7B/13B/70B on v4-32, v5e-16, "
                                                        "v5p-32, 2 x v5p-32) and write it to --out")
-    c.add_argument("--out", default="docs/plan_table.md", help="where --table writes")
+    c.add_argument("--qlora-table", action="store_true",
+                   help="compute the QLoRA table (bf16 vs nf4 bases, remat full: 7B on one v5e chip, 13B on "
+                        "v5e-16, 70B on v4-32 and v5e-16) and write it to --out")
+    c.add_argument("--out", default=None,
+                   help="where --table / --qlora-table write (default docs/plan_table.md / docs/plan_qlora.md)")
     c.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
 def run_plan_command(args) -> int:
     """0 when the run fits, 1 when it does not; bad input raises (the CLI prints one line and exits 2)."""
-    if args.table:
-        text = table(max_micro_batch=args.max_micro_batch)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("# `jaxlora plan --table`\n\n" + text)
-        print(text + f"\nwritten to {args.out}")
+    if args.table or args.qlora_table:
+        which = "--table" if args.table else "--qlora-table"
+        text = (table if args.table else qlora_table)(max_micro_batch=args.max_micro_batch)
+        out = Path(args.out or ("docs/plan_table.md" if args.table else "docs/plan_qlora.md"))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(f"# `jaxlora plan {which}`\n\n" + text)
+        print(text + f"\nwritten to {out}")
         return 0
     if not args.config:
-        raise PlanError("jaxlora plan needs --config (or --table)")
+        raise PlanError("jaxlora plan needs --config (or --table, --qlora-table)")
     from jaxlora.config import load_run_config
     config = load_run_config(args.config, args.overrides)
     report = plan(config, args.target, num_slices=args.slices, micro_batch=args.micro_batch,

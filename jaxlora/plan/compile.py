@@ -5,6 +5,12 @@ jitted functions the trainer and LoRA-GA run, with `jax.ShapeDtypeStruct` argume
 shardings. `compile_step` compiles one of them for the target: XLA's `memory_analysis()` gives the per-chip bytes
 (`Memory`), a TPU compile that would not fit fails with RESOURCE_EXHAUSTED and is reported as "does not fit"
 (`StepPlan`), and `Planner.largest_micro_batch` searches the largest micro-batch per chip that fits.
+
+With `model.quantization` (QLoRA: nf4 / int8, `jaxlora.quant`) the planned model is the quantized one the trainer
+loads (`planned_model`): the block kernels are `QArray`s of their packed codes and scales with their own shardings,
+so the compiled arguments are the quantized weights and the dequantization is inside the compiled matmuls. LoRA-GA's
+exact estimation differentiates the dequantized kernels, so its accumulators take the dense kernels' shapes and
+shardings (`model.dense_abstract_params`), as `lora_ga.estimate_gradients` does.
 """
 
 from __future__ import annotations
@@ -34,8 +40,21 @@ from jaxlora.plan import search
 from jaxlora.plan.report import BatchSearch, Memory, StepPlan, fmt_fit
 from jaxlora.plan.shapes import build_model
 from jaxlora.plan.targets import GiB
+from jaxlora.quant import QuantConfig
 
 log = logging.getLogger(__name__)
+
+
+def planned_model(config: RunConfig, mesh, remat: str | None = None, hf_config: dict | None = None):
+    """The model `jaxlora train` would load, from shapes: `shapes.build_model`'s, quantized as config.model says
+    (model.quantization, model.double_quant), with the same QArray layout and shardings as a quantized load."""
+    model = build_model(config, mesh, remat, hf_config)
+    m = config.model
+    if m.quantization is None or model.quantization is not None:
+        return model
+    from jaxlora.models.model import Model
+    return Model(model.config, model.module, model.names, mesh, model.rules, hf_config=model.hf_config,
+                 family=model.family, quantization=QuantConfig.of(m.quantization, m.double_quant))
 
 
 def _bytes(x, s) -> int:
@@ -131,7 +150,7 @@ class Planner:
 
     def __init__(self, config: RunConfig, mesh, remat: str | None, hbm_bytes: int, hf_config: dict | None = None):
         self.config, self.mesh, self.hbm = config, mesh, hbm_bytes
-        self.model = build_model(config, mesh, remat, hf_config)
+        self.model = planned_model(config, mesh, remat, hf_config)
         self.seq_len = max(data_lib.bucket_lengths(config.data))
         self.divisor = sharding.batch_divisor(mesh)
         self.options = compile_options(mesh.devices.flat[0].platform)
@@ -199,13 +218,14 @@ class Planner:
         return ga, self.model.lora_targets(self.config.lora), ga.batch_size * groups, groups
 
     def lora_ga_exact(self) -> StepPlan:
-        """lora_ga.estimate_gradients' step: float32 gradient accumulators for every targeted kernel."""
+        """lora_ga.estimate_gradients' step: float32 gradient accumulators for every targeted kernel (w.r.t. the
+        dequantized kernel on a quantized base: dense shapes and shardings)."""
         ga, targets, rows, groups = self._ga()
         model = self.model
-        kernels = lora_ga.kernel_subtree(model.abstract_params, targets)
+        kernels = lora_ga.kernel_subtree(model.dense_abstract_params, targets)
         acc = _struct(jax.tree.map(lambda k: jax.ShapeDtypeStruct(k.shape, jnp.float32), kernels),
-                      lora_ga.kernel_subtree(model.param_shardings, targets))
-        count = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(self.mesh))
+                      lora_ga.kernel_subtree(model.dense_param_shardings, targets))
+        count = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(self.mesh))  # also the loss scale
         batch = _batch(rows, self.seq_len, sharding.batch_sharding(self.mesh, batch_size=rows), groups)
 
         def parts(sh):
@@ -214,7 +234,7 @@ class Planner:
 
         flops = rows * self.seq_len * train_flops_per_token(model, self.seq_len, full_finetune=True)
         plan = compile_step("lora_ga_exact", lora_ga.make_estimate_step(model, targets, rows, groups),
-                            (acc, count, self.params, batch), rows=rows, per_chip=rows // self.divisor,
+                            (acc, count, self.params, batch, count), rows=rows, per_chip=rows // self.divisor,
                             seq_len=self.seq_len, flops=flops, hbm_bytes=self.hbm, parts=parts,
                             options=self.options)
         log.info("  LoRA-GA exact estimation, batch %d: %s (%.1fs)", rows, fmt_fit(plan), plan.compile_s)

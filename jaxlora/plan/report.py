@@ -108,6 +108,7 @@ class PlanReport:
     largest_search: BatchSearch | None = None  # how `largest` was found (compiled vs predicted batches)
     search: list[dict] = dataclasses.field(default_factory=list)  # remat / mesh search, best first
     message: str = ""  # why nothing fits, when nothing does
+    base: str = ""  # how the frozen base is held: its dtype, or "nf4 (double quant)" / "int8" (QLoRA)
 
     @property
     def fits(self) -> bool:
@@ -119,7 +120,9 @@ class PlanReport:
         return d
 
     def format(self) -> str:
-        lines = [f"plan: {self.model} ({self.num_params / 1e9:.2f}B params), seq {self.seq_len}, remat {self.remat}",
+        base = f", base {self.base}" if self.base else ""
+        lines = [f"plan: {self.model} ({self.num_params / 1e9:.2f}B params{base}), seq {self.seq_len}, "
+                 f"remat {self.remat}",
                  f"target: {self.target.describe()}; mesh {self.mesh}; budget {fmt_bytes(self.hbm_bytes)}/chip"]
         largest = self.largest if self.largest and self.largest.per_chip != self.train.per_chip else None
         for p in (self.train, largest):

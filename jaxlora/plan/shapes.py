@@ -22,20 +22,39 @@ SHAPES = {
                        num_attention_heads=32, num_key_value_heads=32),
     "llama-2-13b": dict(_LLAMA, vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                         num_attention_heads=40, num_key_value_heads=40),
+    # meta-llama/Meta-Llama-3-8B: the 128,256-token vocabulary makes its logits the largest activation
+    "llama-3-8b": dict(_LLAMA, vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                       max_position_embeddings=8192),
     "llama-3-70b": dict(_LLAMA, vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                         num_attention_heads=64, num_key_value_heads=8, rope_theta=500000.0,
                         max_position_embeddings=8192),
     "bloom-7b1": dict(architectures=["BloomForCausalLM"], model_type="bloom", vocab_size=250880, hidden_size=4096,
                       n_layer=30, n_head=32, layer_norm_epsilon=1e-5, apply_residual_connection_post_layernorm=False,
                       tie_word_embeddings=True),
+    # google/gemma-2-9b config.json (the fields jaxlora reads; transformers' defaults otherwise)
+    "gemma-2-9b": dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", vocab_size=256000,
+                       hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=256, hidden_act="gelu_pytorch_tanh",
+                       hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+                       final_logit_softcapping=30.0, sliding_window=4096, max_position_embeddings=8192,
+                       rms_norm_eps=1e-6, rope_theta=10000.0, attention_bias=False, tie_word_embeddings=True),
+    # mistralai/Mixtral-8x7B-v0.1 config.json
+    "mixtral-8x7b": dict(architectures=["MixtralForCausalLM"], model_type="mixtral", vocab_size=32000,
+                         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, hidden_act="silu",
+                         max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None,
+                         router_aux_loss_coef=0.02, output_router_logits=False, tie_word_embeddings=False),
 }
 
 
 # Hub ids of the same shapes, so the configs in configs/ plan offline.
 _HUB_SHAPES = {"meta-llama/Llama-2-7b-hf": "llama-2-7b", "meta-llama/Llama-2-7b-chat-hf": "llama-2-7b",
                "meta-llama/Llama-2-13b-hf": "llama-2-13b", "meta-llama/Llama-2-13b-chat-hf": "llama-2-13b",
-               "meta-llama/Meta-Llama-3-70B": "llama-3-70b", "meta-llama/Meta-Llama-3-70B-Instruct": "llama-3-70b",
-               "bigscience/bloom-7b1": "bloom-7b1", "bigscience/bloomz-7b1-mt": "bloom-7b1"}
+               "meta-llama/Meta-Llama-3-8B": "llama-3-8b", "meta-llama/Meta-Llama-3-70B": "llama-3-70b", "meta-llama/Meta-Llama-3-70B-Instruct": "llama-3-70b",
+               "bigscience/bloom-7b1": "bloom-7b1", "bigscience/bloomz-7b1-mt": "bloom-7b1",
+               "google/gemma-2-9b": "gemma-2-9b", "google/gemma-2-9b-it": "gemma-2-9b",
+               "mistralai/Mixtral-8x7B-v0.1": "mixtral-8x7b", "mistralai/Mixtral-8x7B-Instruct-v0.1": "mixtral-8x7b"}
 
 
 def hf_config_of(path: str) -> dict:
@@ -63,5 +82,7 @@ def build_model(config: RunConfig, mesh, remat: str | None = None, hf_config: di
     """The model `jaxlora train` would load, without its weights (abstract params and their shardings)."""
     from jaxlora.models.model import Model
     m = config.model
-    return Model._build(hf_config or hf_config_of(m.path), m.dtype, m.param_dtype, mesh, where=m.path,
-                        remat=remat or m.remat, attention_impl=m.attention_impl)
+    model = Model._build(hf_config or hf_config_of(m.path), m.dtype, m.param_dtype, mesh, where=m.path,
+                         remat=remat or m.remat, attention_impl=m.attention_impl)
+    model.loss_chunk = m.loss_chunk  # the loss as the trainer computes it (chunked head: no full logits)
+    return model

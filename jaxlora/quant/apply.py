@@ -124,8 +124,13 @@ def loader(cfg: QuantConfig, dense: jax.ShapeDtypeStruct, dense_sharding: NamedS
 
     def place(keys, read) -> QArray:
         if not stacked:
-            q = one(read(keys[0], per_layer))
-        else:  # each layer waited for, so its dense tensor is freed before the next one is read
-            q = stack([jax.block_until_ready(one(read(k, per_layer))) for k in keys])
+            return one(read(keys[0], per_layer)).replace(dtype_name=jnp.dtype(dense.dtype).name)
+        n = len(keys) // dense.shape[0]  # HF tensors per layer: 1, or one per expert (Mixtral's stacked experts)
+        if n == 1:
+            layer = lambda ks: read(ks[0], per_layer)
+        else:  # the layer's (E, in, out) kernel from its E tensors, then quantized as one
+            layer = lambda ks: jnp.stack([read(k, _layer_sharding(per_layer)) for k in ks])
+        # each layer waited for, so its dense tensor is freed before the next one is read
+        q = stack([jax.block_until_ready(one(layer(keys[i:i + n]))) for i in range(0, len(keys), n)])
         return q.replace(dtype_name=jnp.dtype(dense.dtype).name)
     return place

@@ -17,6 +17,7 @@ donated. The frozen base is `model.params`, untouched: LoRA-GA's update is relat
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -25,6 +26,7 @@ import optax
 from flax import traverse_util
 
 from jaxlora import lora as lora_lib, quant, sharding
+from jaxlora.lora.inits.dora import add_magnitudes, magnitude_sharding
 from jaxlora.training import optim
 from jaxlora.training import step as step_lib
 from jaxlora.training.step import TrainState
@@ -49,11 +51,18 @@ class Training(NamedTuple):
 
 
 def initial_lora(model, config, rng, *, lora_ga_batches=None, template: bool = False, progress: bool = False):
-    """The LoRA tree a run starts from: PEFT's init, or LoRA-GA's (estimated on `lora_ga_batches`), or with `template`
-    a LoRA-GA-shaped tree to restore a checkpoint into (nothing is estimated)."""
+    """The LoRA tree a run starts from: PEFT's init, LoRA-GA's or LoRA-One's (estimated on `lora_ga_batches`), PiSSA's
+    or OLoRA's (from the weights), with DoRA's magnitudes if `lora.use_dora`; with `template` a tree of that shape to
+    restore a checkpoint into (nothing is estimated)."""
     lc = config.lora
-    if lc.init_lora_weights != "lora_ga":
-        return lora_lib.init_lora(model, lc, rng)
+    if lc.init_lora_weights in (True, False, "gaussian"):  # DoRA's magnitudes added here: a template has no weights
+        lora = lora_lib.init_lora(model, dataclasses.replace(lc, use_dora=False), rng)
+        return add_magnitudes(model, lora, template=template) if lc.use_dora else lora
+    if lc.init_lora_weights != "lora_ga":  # PiSSA, OLoRA, LoRA-One (jaxlora.lora.inits)
+        from jaxlora.lora import inits
+        lora = inits.initial_tree(model, lc, batches=lora_ga_batches, template=template, progress=progress,
+                                  seed=config.train.seed)
+        return add_magnitudes(model, lora, template=True) if lc.use_dora and template else lora  # LoRA-One + DoRA
     from jaxlora.lora import ga as lora_ga
     if template:
         return lora_ga.lora_ga_template(model, lc)
@@ -90,8 +99,9 @@ def trainable_shardings(model, trainable) -> dict:
         if full_tree else {}
     items = lora_lib.lora_items(trainable["lora"])
     sh = dict(lora_lib.lora_items(model.lora_shardings(tree_targets(model, trainable["lora"]), lora_lib.LoraConfig())))
-    lora_sh = traverse_util.unflatten_dict({p: lora_lib.LoraWeights(sh[p].a, sh[p].b, scale=w.scale, dropout=w.dropout)
-                                            for p, w in items})
+    lora_sh = traverse_util.unflatten_dict({p: lora_lib.LoraWeights(
+        sh[p].a, sh[p].b, m=None if w.m is None else magnitude_sharding(sh[p].b, w.b.ndim), scale=w.scale,
+        dropout=w.dropout) for p, w in items})
     return {"lora": lora_sh, "full": full_sh}
 
 

@@ -39,7 +39,7 @@ class Evaluator:
     def __init__(self, model: Model, config: RunConfig, tokenizer, eval_data, eval_step=None):
         """`eval_step`: the run's (`build_training`'s, with fixed shardings); default: jit without fixed shardings."""
         self.mesh, self.max_batches = model.mesh, config.train.eval_batches
-        self.loader = make_loader(config, eval_data, tokenizer, config.train.micro_batch_size)
+        self.loader = make_loader(config, eval_data, tokenizer, config.train.micro_batch_size, evaluation=True)
         self.loss_fn = eval_step or jax.jit(step_lib.make_eval_step(model))
         self.label_ids = data_lib.label_word_ids(config.data, tokenizer) if config.data.label_words else None
         self.accuracy_fn = jax.jit(t5_glue.make_accuracy_step(model, self.label_ids)) if self.label_ids else None
@@ -78,4 +78,4 @@ def evaluate_run(config: RunConfig, step: int | None = None, base_only: bool = F
     evaluator = Evaluator(model, config, tokenizer, eval_data)
     metrics = evaluator(params, trainable)
     return {"step": step, **metrics, "eval_perplexity": math.exp(min(metrics["eval_loss"], 50.0)),
-            "examples": eval_steps(evaluator.loader, config.train.eval_batches) * config.train.micro_batch_size}
+            "examples": evaluator.loader.examples_in(eval_steps(evaluator.loader, config.train.eval_batches))}

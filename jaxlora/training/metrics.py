@@ -66,6 +66,7 @@ class MetricsLogger:
             self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
         self._last_time: float | None = None
         self._tokens = 0
+        self._labelled = 0.0
         self._seconds = 0.0
         self._excluded = 0.0
         if start_step:  # the steps after start_step logged by the interrupted run are re-run: mark where
@@ -88,15 +89,20 @@ class MetricsLogger:
         if self._last_time is not None:  # the first step includes compilation: not a throughput sample
             dt = max(now - self._last_time - excluded, 1e-9)
             self._tokens += tokens
+            self._labelled += metrics.get("tokens", 0.0)
             self._seconds += dt
-            record["tokens_per_second"] = tokens / dt
+            record["tokens_per_second"] = tokens / dt  # every non-pad token the step ran
+            if "tokens" in metrics:  # the tokens the loss was computed on: what an epoch over the data is made of
+                record["labelled_tokens_per_second"] = metrics["tokens"] / dt
             if flops and self.peak_flops:
                 record["mfu"] = flops / dt / self.peak_flops
         self._last_time = now
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics.get('learning_rate', 0):.2e}",
-                                  tok_s=f"{record.get('tokens_per_second', 0):.0f}", refresh=False)
+                                  tok_s=f"{record.get('tokens_per_second', 0):.0f}",
+                                  labelled_tok_s=f"{record.get('labelled_tokens_per_second', 0):.0f}",
+                                  refresh=False)
         if step % self.log_every == 0 or step == self.total_steps:
             self._write(record)
 
@@ -116,6 +122,9 @@ class MetricsLogger:
 
     def tokens_per_second(self) -> float:
         return self._tokens / self._seconds if self._seconds else 0.0
+
+    def labelled_tokens_per_second(self) -> float:
+        return self._labelled / self._seconds if self._seconds else 0.0
 
     def close(self) -> None:
         if self._bar is not None:

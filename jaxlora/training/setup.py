@@ -43,7 +43,7 @@ def load_model(config: RunConfig, mesh) -> Model:
                             "dot for attention); use float32 or bfloat16 here, float16 on GPUs without bfloat16")
     return from_pretrained(m.path, m.dtype, param_dtype=m.param_dtype, mesh=mesh, remat=m.remat,
                            attention_impl=m.attention_impl, quantization=m.quantization,
-                           double_quant=m.double_quant)
+                           double_quant=m.double_quant, loss_chunk=m.loss_chunk)
 
 
 def resolve_data_layout(config: RunConfig, model: Model) -> RunConfig:
@@ -57,6 +57,10 @@ def resolve_data_layout(config: RunConfig, model: Model) -> RunConfig:
     if config.data.label_words and not want:
         raise TrainingError(f"data.label_words scores label words as decoder targets, which needs an encoder-decoder "
                             f"(T5); {config.model.path} is {kind} ({model.config.architecture})")
+    if config.data.packing and not model.family.causal_lm:
+        what = "an encoder-decoder" if want else "a classifier"
+        raise TrainingError(f"data.packing packs causal-LM sequences; {config.model.path} is {what} "
+                            f"({model.config.architecture}): set data.packing: false")
     return dataclasses.replace(config, data=dataclasses.replace(config.data, seq2seq=want))
 
 
@@ -68,9 +72,20 @@ def load_data(config: RunConfig, tokenizer):
     return train_data, eval_data
 
 
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def make_loader(config: RunConfig, data, tokenizer, batch_size: int, shuffle: bool = True,
-                seed: int | None = None) -> data_lib.BatchLoader:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+                seed: int | None = None, evaluation: bool = False):
+    """The run's batches: a `PackedLoader` with data.packing (for `evaluation`, its last batch keeps the rows left
+    over so every held-out example counts), else a bucketed `BatchLoader`."""
+    pad = pad_id(tokenizer)
+    if config.data.packing:
+        return data_lib.PackedLoader(data, batch_size, data_lib.bucket_lengths(config.data), pad,
+                                     seed=config.train.seed if seed is None else seed,
+                                     process_index=jax.process_index(), process_count=jax.process_count(),
+                                     shuffle=shuffle, drop_remainder=not evaluation)
     targets = data_lib.target_bucket_lengths(config.data) if data.seq2seq else None
     return data_lib.BatchLoader(data, batch_size, data_lib.bucket_lengths(config.data), pad,
                                 seed=config.train.seed if seed is None else seed, process_index=jax.process_index(),
@@ -92,5 +107,10 @@ def lora_ga_batches(config: RunConfig, data, tokenizer) -> list[dict]:
     """LoRA-GA's estimation batches: the first batch_size * num_batches training examples, in order (as the
     official code), padded to the training buckets; each process keeps its rows."""
     ga = config.lora.lora_ga_config
-    loader = make_loader(config, data, tokenizer, ga.batch_size, shuffle=False, seed=0)
+    loader = make_loader(dataclasses.replace(config, data=dataclasses.replace(config.data, packing=False)), data,
+                         tokenizer, ga.batch_size, shuffle=False, seed=0)
+    if config.data.packing:  # the same examples per batch, packed: each batch's mean loss is unchanged
+        return data_lib.pack_each_batch(data, [loader.global_rows(i) for i in range(ga.num_batches)],
+                                        data_lib.bucket_lengths(config.data), pad_id(tokenizer),
+                                        jax.process_index(), jax.process_count())
     return [loader.batch(i) for i in range(ga.num_batches)]

@@ -54,6 +54,7 @@ class TrainResult:
     tokens_per_second: float
     compiles: int  # distinct compilations of the train step
     eval_accuracy: float | None = None  # data with label_words: held-out accuracy (every label word scored)
+    labelled_tokens_per_second: float = 0.0  # the tokens the loss was computed on, per second
 
 
 def log_optim_changes(saved: dict | None, now, step: int) -> None:
@@ -139,6 +140,9 @@ def train(config: RunConfig, resume_step: int | None = None) -> TrainResult:
                 report_dropped(part, data, config.data.max_length)
         batch_size = tc.micro_batch_size * tc.grad_accum_steps
         loader = make_loader(config, train_data, tokenizer, batch_size)
+        if config.data.packing:
+            log.info("packed %d examples into %d rows of %d tokens (%.1f%% real tokens)", len(train_data),
+                     len(loader.bins), config.data.max_length, 100 * loader.fill)
         total_steps = tc.max_steps or max(1, int(tc.epochs * loader.steps_per_epoch))
 
         divisor = sharding.batch_divisor(mesh)
@@ -148,13 +152,14 @@ def train(config: RunConfig, resume_step: int | None = None) -> TrainResult:
         checkpointer = stack.enter_context(contextlib.closing(
             ckpt_lib.Checkpointer(out / "checkpoints", keep=tc.keep_checkpoints)))
         resuming = resume_step is not None or (tc.resume and checkpointer.latest_step() is not None)
-        is_ga = config.lora.init_lora_weights == "lora_ga"
+        is_ga = config.lora.init_lora_weights in lora_lib.DATA_INITS  # LoRA-GA, LoRA-One: estimation batches
         t_init = time.perf_counter()
         training = build_training(
             model, config, total_steps=total_steps, template=resuming, progress=tc.progress_bar,
             lora_ga_batches=lora_ga_batches(config, train_data, tokenizer) if is_ga and not resuming else None)
         if is_ga and not resuming:
-            log.info("LoRA-GA initialization: %.1fs", time.perf_counter() - t_init)
+            log.info("%s initialization: %.1fs", {"lora_ga": "LoRA-GA", "lora_one": "LoRA-One"}.get(
+                config.lora.init_lora_weights, config.lora.init_lora_weights), time.perf_counter() - t_init)
         params, state, train_step, targets = training.params, training.state, training.train_step, training.targets
         evaluator = (Evaluator(model, config, tokenizer, eval_data, training.eval_step) if eval_data is not None
                      else None)
@@ -169,8 +174,9 @@ def train(config: RunConfig, resume_step: int | None = None) -> TrainResult:
             dump_config(config, out / "config.yaml")
 
         n_lora = lora_lib.num_lora_params(state.trainable["lora"])
-        log.info("training %d steps (%d/epoch) of %d examples x %d tokens max; LoRA params %.2fM (%.3f%% of base), "
-                 "%d targets", total_steps, loader.steps_per_epoch, batch_size, config.data.max_length, n_lora / 1e6,
+        log.info("training %d steps (%d/epoch) of %d %s x %d tokens max; LoRA params %.2fM (%.3f%% of base), "
+                 "%d targets", total_steps, loader.steps_per_epoch, batch_size,
+                 "packed rows" if config.data.packing else "examples", config.data.max_length, n_lora / 1e6,
                  100 * n_lora / model.config.num_params, len(targets))
         if tc.peak_tflops_per_device:
             peak = tc.peak_tflops_per_device * 1e12 * jax.device_count()
@@ -264,11 +270,13 @@ def train(config: RunConfig, resume_step: int | None = None) -> TrainResult:
     adapter_dir = export_peft(model, final["lora"], config.lora, out / "adapter", modules_to_save=final["full"],
                               overwrite=True)
     compiles = len(executables)
-    log.info("done: %d steps, final loss %.4f%s; adapter in %s; %d train-step compilations",
-             total_steps, losses[-1] if losses else float("nan"),
-             "".join(f", {k.replace('_', ' ')} {v:.4f}" for k, v in eval_metrics.items()), adapter_dir, compiles)
+    log.info("done: %d steps, final loss %.4f%s; %.0f tokens/s (%.0f labelled); adapter in %s; %d train-step "
+             "compilations", total_steps, losses[-1] if losses else float("nan"),
+             "".join(f", {k.replace('_', ' ')} {v:.4f}" for k, v in eval_metrics.items()),
+             logger.tokens_per_second(), logger.labelled_tokens_per_second(), adapter_dir, compiles)
     return TrainResult(out, adapter_dir, total_steps, losses, eval_metrics.get("eval_loss"),
-                       logger.tokens_per_second(), compiles, eval_metrics.get("eval_accuracy"))
+                       logger.tokens_per_second(), compiles, eval_metrics.get("eval_accuracy"),
+                       logger.labelled_tokens_per_second())
 
 
 def reached_preemption(step: int) -> bool:

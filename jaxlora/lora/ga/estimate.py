@@ -4,12 +4,19 @@ Both are one jitted, sharded step, compiled once and kept on the model (`jaxlora
 Estimation batches are packed so the mesh's batch axes divide them (`pack_batches`), leaving the statistic the same:
 the mean over batches of each batch's mean-loss gradient. Sketches are gradients of zero-effect LoRA branches
 (a = 0 or b = 0), so a sketch pass costs a LoRA backward at the sketch rank (see `factorize.streaming_factorize`).
+
+With float16 compute the exact estimate is loss-scaled as fp16 training is (`jaxlora.training.step`): a mean loss of
+~1 over thousands of tokens gives per-token cotangents of ~1e-5 and below, under float16's smallest normal (6e-5),
+so an unscaled backward flushes or rounds them away. Each batch's loss is multiplied by the scale (`FP16_LOSS_SCALE`,
+DeepSpeed's initial 2^16) and its gradient divided by it in float32; a batch whose scaled gradient is not finite
+is added nothing and run again at half the scale, down to 1, where the error names the batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 
 import jax
@@ -23,12 +30,19 @@ from jaxlora.lora.weights import LoraWeights
 from jaxlora.losses import IGNORE_INDEX
 from jaxlora.quant import is_quantized
 
+log = logging.getLogger(__name__)
+
+FP16_LOSS_SCALE = 2.0 ** 16  # the fp16 estimate's first loss scale: DeepSpeed's (optim.OptimConfig.loss_scale_init)
+
 
 def check_targets(model, targets, ga: LoraGAConfig) -> None:
     flat = traverse_util.flatten_dict(model.abstract_params)
     for t in targets:
         kernel = flat[t.path + ("kernel",)]
         name = lora_lib.module_names(t.path, model.config.num_hidden_layers, model.names.stack_name)[0]
+        if kernel.ndim > 2 + int(t.stacked):  # stacked experts (Mixtral's w1/w2/w3): (layers, experts, in, out)
+            raise LoraGAError(f"LoRA-GA is not implemented for stacked expert kernels ({name}, shape {kernel.shape});"
+                              f" give LoRA-GA the attention projections only, or use a plain LoRA init")
         if not jnp.issubdtype(kernel.dtype, jnp.floating):
             raise LoraGAError(f"LoRA-GA needs floating-point base weights; {name} is {kernel.dtype} "
                               f"(quantized or integer weights have no usable gradient)")
@@ -91,14 +105,16 @@ def pack_batches(batches: list[dict], divisor: int) -> tuple[list[dict], int]:
     """
     rows = batches[0]["input_ids"].shape[0]
     k = pack_factor(rows * jax.process_count(), divisor)
+    keys = BATCH_KEYS + (("positions",) if "positions" in batches[0] else ())  # packed sequences carry positions
     if k == 1:
-        return [{key: b[key] for key in BATCH_KEYS} for b in batches], 1
+        return [{key: b[key] for key in keys} for b in batches], 1
     packed = []
     for start in range(0, len(batches), k):
         chunk = batches[start:start + k]
         chunk = chunk + [{**chunk[0], "labels": np.full_like(chunk[0]["labels"], IGNORE_INDEX)}] \
             * (k - len(chunk))
-        fill = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
+        fill = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX, "positions": 0}
+        fill = {key: fill[key] for key in keys}
 
         def right_pad(key):  # (rows, T) arrays to the longest of the chunk (a seq2seq model's labels have their own
             arrays = [np.asarray(b[key]) for b in chunk]  # length); (rows,) labels (a classifier's) as they are
@@ -122,32 +138,54 @@ def _steps(model) -> dict:
     return vars(model).setdefault("_lora_ga_steps", {})
 
 
+def is_fp16(model) -> bool:
+    """Whether the model computes in float16 (LoRA-GA's exact estimate is then loss-scaled)."""
+    return jnp.dtype(model.module.dtype) == jnp.float16
+
+
 def make_estimate_step(model, targets, rows: int, groups: int = 1):
-    """jit(acc, count, params, batch) -> (acc + dL/dK, count + tokens) for `rows`-row global batches packing `groups`
-    estimation batches: the exact estimation's one compiled step (float32 accumulators sharded like their kernels).
-    A quantized kernel (`jaxlora.quant`) is dequantized first: the gradient is w.r.t. the dequantized weight.
-    `jaxlora.plan` compiles it."""
+    """jit(acc, count, params, batch, scale) -> (acc + dL/dK, count + tokens, finite) for `rows`-row global batches
+    packing `groups` estimation batches: the exact estimation's one compiled step (float32 accumulators sharded like
+    their kernels). A quantized kernel (`jaxlora.quant`) is dequantized first: the gradient is w.r.t. the
+    dequantized weight. The loss is multiplied by `scale` (a float32 scalar: the fp16 loss scale, else 1) and the
+    gradient divided by it in float32; `finite` says whether it is finite. In float16 a non-finite gradient is not
+    added (acc and count come back unchanged, so the batch can run again at a smaller scale); otherwise it is, and
+    `check_statistic` names the layer. `jaxlora.plan` compiles it."""
     kernel_sh = kernel_subtree(model.dense_param_shardings, targets)
     key = ("gradient", tuple(t.path for t in targets), rows, groups)
+    skip_non_finite = is_fp16(model)
 
-    def accumulate(acc, count, params, batch):
+    def accumulate(acc, count, params, batch, scale):
         def loss(kernels32):
-            return mean_loss(model, lora_lib.overlay(params, kernels32), None, batch, groups)
+            total, n = mean_loss(model, lora_lib.overlay(params, kernels32), None, batch, groups)
+            return total * scale, n  # scaled before the (float16) backward, as fp16 training does
         kernels32 = jax.tree.map(lambda k: k.astype(jnp.float32), kernel_subtree(params, targets),
                                  is_leaf=is_quantized)  # a QArray's astype dequantizes
         (_, n), g = jax.value_and_grad(loss, has_aux=True)(kernels32)
-        return jax.tree.map(jnp.add, acc, g), count + n
+        g = jax.tree.map(lambda x: x / scale, g)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(g)]))
+        new_acc, new_count = jax.tree.map(jnp.add, acc, g), count + n
+        if skip_non_finite:
+            new_acc = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_acc, acc)
+            new_count = jnp.where(finite, new_count, count)
+        return new_acc, new_count, finite
 
     rep = sharding.replicated(model.mesh)
     if key not in _steps(model):
         _steps(model)[key] = jax.jit(accumulate, in_shardings=(kernel_sh, rep, model.param_shardings,
-                                                               sharding.batch_sharding(model.mesh, batch_size=rows)),
-                                     out_shardings=(kernel_sh, rep), donate_argnums=(0, 1))
+                                                               sharding.batch_sharding(model.mesh, batch_size=rows),
+                                                               rep),
+                                     out_shardings=(kernel_sh, rep, rep), donate_argnums=(0, 1))
     return _steps(model)[key]
 
 
-def estimate_gradients(model, params, targets, batches: list[dict], progress: bool = True):
-    """float32 mean over batches of dL/dK for the targeted kernels only (nothing else is differentiated)."""
+def estimate_gradients(model, params, targets, batches: list[dict], progress: bool = True,
+                       loss_scale: float | None = None):
+    """float32 mean over batches of dL/dK for the targeted kernels only (nothing else is differentiated).
+
+    `loss_scale`: the first loss scale of a float16 model (default `FP16_LOSS_SCALE`; 1 turns scaling off); it
+    halves on a batch whose scaled gradient is not finite, which then runs again (see the module docstring). Other
+    dtypes run unscaled."""
     kernel_sh = kernel_subtree(model.dense_param_shardings, targets)
     n_batches = len(batches)
     batches, groups = pack_batches(batches, sharding.batch_divisor(model.mesh))
@@ -156,10 +194,30 @@ def estimate_gradients(model, params, targets, batches: list[dict], progress: bo
     zeros = jax.jit(lambda: jax.tree.map(lambda k: jnp.zeros(k.shape, jnp.float32),
                                          kernel_subtree(model.dense_abstract_params, targets)),
                     out_shardings=kernel_sh)
+    rep = sharding.replicated(model.mesh)
+    fp16 = is_fp16(model)
+    scale = (FP16_LOSS_SCALE if loss_scale is None else float(loss_scale)) if fp16 else 1.0
+    if not scale >= 1.0:
+        raise LoraGAError(f"LoRA-GA: the float16 estimate's loss scale must be >= 1, got {loss_scale}")
+    first_scale = scale
     # committed replicated like the step's output: an uncommitted first count compiled the step a second time
-    acc, count = zeros(), jax.device_put(jnp.zeros((), jnp.float32), sharding.replicated(model.mesh))
-    for batch in progress_bar(batches, "LoRA-GA gradients", progress):
-        acc, count = step(acc, count, params, sharding.place_batch(batch, model.mesh))
+    acc, count = zeros(), jax.device_put(jnp.zeros((), jnp.float32), rep)
+    for i, batch in enumerate(progress_bar(batches, "LoRA-GA gradients", progress)):
+        batch = sharding.place_batch(batch, model.mesh)
+        while True:
+            acc, count, finite = step(acc, count, params, batch, jax.device_put(jnp.float32(scale), rep))
+            if not fp16 or bool(finite):
+                break
+            if scale <= 1.0:
+                first, last = i * groups, min((i + 1) * groups, n_batches) - 1
+                which = f"batch {first}" if first == last else f"batches {first}-{last} (packed together)"
+                raise LoraGAError(f"LoRA-GA: the float16 gradient of estimation {which} is not finite even at loss "
+                                  f"scale 1 (starting from {first_scale:g}): NaN/inf in the forward pass, not an "
+                                  f"overflow of the scale; check that batch, or estimate in bfloat16/float32")
+            scale = max(scale / 2, 1.0)
+            log.debug("LoRA-GA: float16 gradient of packed batch %d overflowed; loss scale -> %g", i, scale)
+    if fp16 and scale < first_scale:
+        log.info("LoRA-GA: float16 loss scale lowered from %g to %g by overflows", first_scale, scale)
     if float(count) == 0:
         raise LoraGAError("LoRA-GA: every label of the estimation batches is masked (-100); no gradient")
     return jax.tree.map(lambda g: g / n_batches, acc)

@@ -45,6 +45,9 @@ class DataConfig:
     max_length: int = 512
     # Padded sequence lengths; () = powers of two from 64 up to max_length (max_length always included).
     bucket_lengths: tuple[int, ...] = ()
+    # Pack several examples into each row of max_length (block-diagonal attention, positions per example; causal LMs
+    # only): no compute spent on padding. Batches are padded to the smallest bucket that fits their fullest row.
+    packing: bool = False
     # Append tokenizer.eos_token_id to the response.
     add_eos: bool = True
     # Keep only the first N records (after loading, before shuffling).

@@ -156,6 +156,10 @@ class BatchLoader:
             out_labels[i, : len(y)] = y
         return {"input_ids": out_ids, "attention_mask": out_mask, "labels": out_labels}
 
+    def examples_in(self, steps: int) -> int:
+        """How many examples the first `steps` batches hold."""
+        return min(steps, self.steps_per_epoch) * self.global_batch_size
+
     def iterate(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Yields ``batch(s)`` for s from start_step, num_steps times (None: forever)."""
         step = start_step
@@ -165,5 +169,6 @@ class BatchLoader:
 
 
 def count_tokens(batch: Mapping[str, np.ndarray]) -> int:
-    """Number of non-pad tokens in a batch (for tokens/s)."""
-    return int(np.asarray(batch["attention_mask"]).sum())
+    """Number of non-pad tokens in a batch (for tokens/s); a packed batch's mask holds segment ids (0 = pad)."""
+    return int(np.count_nonzero(np.asarray(batch["attention_mask"])))
+
