@@ -83,8 +83,7 @@ class Model:
         """A randomly initialized model for an HF config dict (tests, benchmarks, AOT planning); with
         `quantization`, the random dense kernels quantized."""
         model = cls._build(hf_config, dtype, param_dtype, mesh, quantization=quantization, double_quant=double_quant,
-                           **module_kwargs)
-        model.loss_chunk = loss_chunk
+                           loss_chunk=loss_chunk, **module_kwargs)
         init = jax.jit(lambda rng: nn.meta.unbox(model._init_boxed(rng)), out_shardings=model.dense_param_shardings)
         model.params = init(jax.random.key(seed))
         if model.quantization is not None:
@@ -95,13 +94,14 @@ class Model:
     @classmethod
     def _build(cls, hf_config: dict, dtype, param_dtype, mesh, where: str = "config.json", remat: str = "none",
                attention_impl: str | None = None, rules=sharding.DEFAULT_RULES, quantization: str | None = None,
-               double_quant: bool = False) -> "Model":
+               double_quant: bool = False, loss_chunk: int = 0) -> "Model":
         family = family_for(hf_config, where)
         config = family.config_cls.from_hf_dict(hf_config, where)
         module = family.module_cls(config, dtype=_dtype(dtype), param_dtype=_dtype(param_dtype or dtype), remat=remat,
                                    attention_impl=attention_impl)
         return cls(config, module, family.names, mesh or sharding.make_mesh(), rules, hf_config=hf_config,
-                   family=family, quantization=quant_lib.QuantConfig.of(quantization, double_quant))
+                   family=family, quantization=quant_lib.QuantConfig.of(quantization, double_quant),
+                   loss_chunk=loss_chunk)
 
     def _fresh(self, paths: list[tuple[str, ...]], seed: int) -> dict:
         """Freshly initialized params at `paths` (flat {path: array}, in their shardings): what a checkpoint lacks."""
@@ -139,18 +139,17 @@ class Model:
         family = self.family
         inputs = family.model_inputs(batch, self.config) if family.model_inputs is not None else {}
         head = self._chunked_head(params, lora)
-        if head is not None:  # the causal LM head in chunks of tokens: the (B, T, vocab) logits never exist
-            hidden = self.apply(params, batch["input_ids"], batch["attention_mask"], lora=lora,
-                                positions=batch.get("positions"), deterministic=deterministic,
-                                dropout_rng=dropout_rng, hidden_only=True, **inputs)
-            weight, vocab_major = head
-            return chunked_next_token_loss_sums(
-                hidden, weight, batch["labels"], vocab_major=vocab_major, dtype=self.module.dtype,
-                chunk=self.loss_chunk, softcap=getattr(self.config, "final_logit_softcapping", None), per_row=per_row)
-        logits = self.apply(params, batch["input_ids"], batch["attention_mask"], lora=lora,
-                            positions=batch.get("positions"),  # packed rows (`data.packing`) restart them
-                            deterministic=deterministic, dropout_rng=dropout_rng, **inputs)
-        return family.objective(logits, batch["labels"], per_row=per_row)
+        if head is not None:  # the module stops at the hidden states; the head is applied in chunks of tokens
+            inputs["hidden_only"] = True
+        out = self.apply(params, batch["input_ids"], batch["attention_mask"], lora=lora,
+                         positions=batch.get("positions"),  # packed rows (`data.packing`) restart them
+                         deterministic=deterministic, dropout_rng=dropout_rng, **inputs)
+        if head is None:
+            return family.objective(out, batch["labels"], per_row=per_row)
+        weight, vocab_major = head
+        return chunked_next_token_loss_sums(
+            out, weight, batch["labels"], vocab_major=vocab_major, dtype=self.module.dtype, chunk=self.loss_chunk,
+            softcap=getattr(self.config, "final_logit_softcapping", None), per_row=per_row)
 
     def _chunked_head(self, params, lora):
         """(head weight, vocab_major) when `loss_sums` can apply the head in chunks: `loss_chunk` set, a family
@@ -309,7 +308,6 @@ def from_pretrained(path: str | os.PathLike, dtype="float32", *, param_dtype=Non
                          attention_impl=attention_impl, rules=rules, quantization=quantization,
                          double_quant=double_quant)
     model.source = str(folder)
-    model.loss_chunk = loss_chunk
     if model.config.tie_word_embeddings:  # some tied checkpoints still carry a copy of the embedding
         model.names = dataclasses.replace(model.names, ignore=model.names.ignore + (r"lm_head\.weight",))
     model.params = hf_checkpoint.load_params(folder, model.names, model.abstract_params, model.param_shardings,

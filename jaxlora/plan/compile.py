@@ -40,21 +40,14 @@ from jaxlora.plan import search
 from jaxlora.plan.report import BatchSearch, Memory, StepPlan, fmt_fit
 from jaxlora.plan.shapes import build_model
 from jaxlora.plan.targets import GiB
-from jaxlora.quant import QuantConfig
 
 log = logging.getLogger(__name__)
 
 
 def planned_model(config: RunConfig, mesh, remat: str | None = None, hf_config: dict | None = None):
-    """The model `jaxlora train` would load, from shapes: `shapes.build_model`'s, quantized as config.model says
+    """The model `jaxlora train` would load, from shapes (`shapes.build_model`): quantized as config.model says
     (model.quantization, model.double_quant), with the same QArray layout and shardings as a quantized load."""
-    model = build_model(config, mesh, remat, hf_config)
-    m = config.model
-    if m.quantization is None or model.quantization is not None:
-        return model
-    from jaxlora.models.model import Model
-    return Model(model.config, model.module, model.names, mesh, model.rules, hf_config=model.hf_config,
-                 family=model.family, quantization=QuantConfig.of(m.quantization, m.double_quant))
+    return build_model(config, mesh, remat, hf_config)
 
 
 def _bytes(x, s) -> int:

@@ -82,7 +82,6 @@ def build_model(config: RunConfig, mesh, remat: str | None = None, hf_config: di
     """The model `jaxlora train` would load, without its weights (abstract params and their shardings)."""
     from jaxlora.models.model import Model
     m = config.model
-    model = Model._build(hf_config or hf_config_of(m.path), m.dtype, m.param_dtype, mesh, where=m.path,
-                         remat=remat or m.remat, attention_impl=m.attention_impl)
-    model.loss_chunk = m.loss_chunk  # the loss as the trainer computes it (chunked head: no full logits)
-    return model
+    return Model._build(hf_config or hf_config_of(m.path), m.dtype, m.param_dtype, mesh, where=m.path,
+                        remat=remat or m.remat, attention_impl=m.attention_impl, quantization=m.quantization,
+                        double_quant=m.double_quant, loss_chunk=m.loss_chunk)

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlora import lora as lora_lib
 from jaxlora.lora.config import LoraConfigError
-from jaxlora.lora.weights import LoraWeights, dora_norm
+from jaxlora.lora.weights import dora_norm
 from jaxlora.quant import is_quantized
 
 
