@@ -290,7 +290,7 @@ def table(result: dict) -> str:
                      f"{f(rr, '.2f')} | {f(rq, '.2f')} |")
     s = med.get("jaxlora-streaming")
     if s and step_q:
-        lines += ["", f"Targets (issue 3): >= 2x faster than PEFT (median; min): "
+        lines += ["", "Targets (issue 3): >= 2x faster than PEFT (median; min): "
                   + ", ".join(f"{v.split('-')[1]} {peft_t / med[v]['total_s']:.2f}x; {mins['peft'] / mins[v]:.2f}x"
                               for v in VARIANTS if v.startswith("jaxlora-") and v in med)
                   + f"; streaming peak <= 1.1x a LoRA step's: delta {s['delta_mb'] / step_q['delta_mb']:.2f}x "

@@ -7,8 +7,9 @@
 
 Each variant runs in its own subprocess (its memory is its own): load the model (`jaxlora.from_pretrained`, the
 quantized kernels quantized as they load), build the run of configs/smollm2_135m_cpu.yaml (LoRA r=8 on all-linear,
-its optimizer and schedule, micro-batch 4 x 2 accumulation, its data: prompt-masked gsm_symbolic records in buckets of
-128 / 256 tokens, shuffled with the config's seed: every variant sees the same batches), then run --steps steps.
+its optimizer and schedule, its micro-batch and accumulation, its data as the run loads it: prompt-masked gsm_symbolic
+records packed into rows of 512 tokens, in the config's seeded order: every variant sees the same batches), then run
+--steps steps.
 
     fp32   float32 weights and compute                      bf16   bfloat16 weights and compute
     int8   int8 kernels (per output channel), bf16 compute  nf4    NF4 kernels (blocks of 64), bf16 compute
@@ -60,13 +61,16 @@ def tiny_folder(path: pathlib.Path) -> pathlib.Path:
 
 def run_config(args):
     """configs/smollm2_135m_cpu.yaml, with --steps, and --rows (micro-batch, no accumulation) / --bucket (one
-    sequence length) where given: a smaller run for a busy CPU."""
+    sequence length: the packed row length) where given: a smaller run for a busy CPU."""
     from jaxlora.config import load_run_config
     config = load_run_config(args.config_file or str(CONFIG))  # the driver's snapshot: every variant the same
     train = dataclasses.replace(config.train, max_steps=args.steps)
     if args.rows:
         train = dataclasses.replace(train, micro_batch_size=args.rows, grad_accum_steps=1)
-    data = dataclasses.replace(config.data, bucket_lengths=(args.bucket,)) if args.bucket else config.data
+    data = config.data
+    if args.bucket:  # packed rows of --bucket tokens hold examples of at most that many (as a run with it would)
+        data = dataclasses.replace(data, bucket_lengths=(args.bucket,), max_length=(
+            min(data.max_length, args.bucket) if data.packing else data.max_length))
     return dataclasses.replace(config, train=train, data=data)
 
 
@@ -89,9 +93,9 @@ def batches(args, model_path: str, n: int) -> list[dict]:
     tok = AutoTokenizer.from_pretrained(model_path)
     data_cfg = dataclasses.replace(config.data, path=str(ROOT / config.data.path), eval_path=None,
                                    cache_dir=str(ROOT / config.data.cache_dir))
+    from jaxlora.training.setup import make_loader
     data = data_lib.load_tokenized(data_cfg, tok, "train")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    loader = data_lib.BatchLoader(data, rows, data_lib.bucket_lengths(data_cfg), pad, seed=config.train.seed)
+    loader = make_loader(dataclasses.replace(config, data=data_cfg), data, tok, rows)  # packed rows as the run packs
     return [loader.batch(i) for i in range(n)]
 
 
@@ -227,9 +231,9 @@ def main(argv=None) -> None:
                    help="compute dtype of the nf4/int8 variants (default bfloat16; their other params stay bf16): "
                         "float32 is ~2x faster on XLA:CPU, and nf4 vs fp32 is then the quantization gap alone")
     p.add_argument("--rows", type=int, default=None,
-                   help="rows per step (micro-batch, no accumulation) instead of the config's 4 x 2: a busy CPU")
+                   help="rows per step (micro-batch, no accumulation) instead of the config's: a busy CPU")
     p.add_argument("--bucket", type=int, default=None,
-                   help="one sequence length (e.g. 256) instead of the config's buckets: one compile per variant")
+                   help="one sequence length (e.g. 256) instead of the config's (packed rows of that length)")
     p.add_argument("--out", default=None, help="JSON results (default runs/bench_quant[_quick].json)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-path", default=None, help=argparse.SUPPRESS)

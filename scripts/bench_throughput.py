@@ -407,7 +407,7 @@ def table(res: dict) -> str:
         f"{res['load_start'][0]:.2f} / {res['load_start'][1]:.2f} / {res['load_start'][2]:.2f} (1/5/15 min) at start, "
         f"{res['load_end'][0]:.2f} / {res['load_end'][1]:.2f} / {res['load_end'][2]:.2f} at end; "
         f"{res['date']}; wall {res['wall_s']:.0f}s.",
-        f"Versions: " + ", ".join(f"{k} {x}" for k, x in v.items() if x) + ".", "",
+        "Versions: " + ", ".join(f"{k} {x}" for k, x in v.items() if x) + ".", "",
         f"| framework | tokens/s | non-pad tokens/s | s/step | blocks (tokens/s) | jaxlora / PEFT | MFU | {mem} "
         "| LoRA params | first loss |",
     ]

@@ -8,6 +8,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# XLA's persistent compilation cache in a fresh folder per run, shared by this process, the subprocesses the tests
+# start (scripts, CLI runs: they inherit the environment) and, when xdist's workers inherit it, both workers. Many
+# tests compile the same tiny programs (the same model, step and batch shapes); a hit loads the executable instead
+# of compiling it again (the executables are the same: XLA keys them by program, devices and options). Set
+# JAX_COMPILATION_CACHE_DIR yourself to keep one between runs.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxlora-tests-xla-cache-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -133,3 +133,15 @@ def test_chunked_step_never_holds_the_float32_logits():
     full, chunked = temp_bytes(0), temp_bytes(16)
     # the rest of the temporaries (attention probabilities kept for the backward, ...) is the same in both
     assert full - chunked > 2 * logits_f32 and chunked < full / 3, (chunked, full, logits_f32)
+
+
+def test_the_run_config_reaches_the_loaded_model(tmp_path):
+    """`model.loss_chunk` in a run config reaches the model `jaxlora train` loads (from_pretrained) and turns the
+    chunked head on."""
+    import tiny
+    from jaxlora.config import load_run_config
+    from jaxlora.training import setup
+    folder = tiny.tiny_model_dir(tmp_path / "model")
+    cfg = load_run_config(None, [f"model.path={folder}", "data.path=unused.jsonl", "model.loss_chunk=8"])
+    model = setup.load_model(cfg, sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1]))
+    assert model.loss_chunk == 8 and model._chunked_head(model.params, {}) is not None

@@ -5,12 +5,9 @@ module names, and sharded + remat gradients equal to the single-device ones.
 
 from __future__ import annotations
 
-import copy
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-import peft
 import pytest
 import torch
 import transformers
@@ -18,14 +15,15 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 import jaxlora
+from family_helpers import (SEQ, VOCAB, PARITY_ATOL, check_export_reloads, check_lora_matches_peft,
+                            check_peft_module_names, hf_logits, jax_logits, lora_from_peft, lora_tree, make_batch,
+                            redraw)
 from tiny import peft_with_random_factors
 from jaxlora import sharding
-from jaxlora.lora import LoraConfig, linear_modules, lora_items, module_names
+from jaxlora.lora import LoraConfig, linear_modules, module_names
 from jaxlora.models import bloom, registry
 from jaxlora.sharding import MeshConfig
 
-PARITY_ATOL = 1e-4  # float32, PyTorch vs XLA on CPU
-SEQ, VOCAB = 12, 128
 _BLOOM = (transformers.BloomConfig, transformers.BloomForCausalLM)
 _GPT2 = (transformers.GPT2Config, transformers.GPT2LMHeadModel)
 # name -> (transformers config class, model class, config kwargs)
@@ -49,49 +47,12 @@ def family(name: str) -> str:
 
 
 def build_hf(name: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """A tiny transformers model of variant `name`, weights redrawn: layer norm weights in [0.5, 1.5], kernels,
+    embeddings and biases N(0, 0.2)."""
     config_cls, model_cls, kwargs = VARIANTS[name]
     torch.manual_seed(seed)
-    model = model_cls(config_cls(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **kwargs)).eval()
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if ("layernorm" in key or ".ln_" in key) and key.endswith("weight"):
-                p.uniform_(0.5, 1.5)
-            else:  # kernels, embeddings and biases
-                p.normal_(0.0, 0.2)
-    return model
-
-
-def torch_logits(model, ids, mask=None) -> torch.Tensor:
-    return model(torch.tensor(ids), attention_mask=None if mask is None else torch.tensor(mask)).logits
-
-
-def hf_logits(model, ids, mask=None) -> np.ndarray:
-    with torch.no_grad():
-        return torch_logits(model, ids, mask).float().numpy()
-
-
-_JITTED: dict = {}
-
-
-def jax_logits(model, ids, mask=None, params=None, lora=None) -> np.ndarray:
-    if id(model) not in _JITTED:  # one jitted forward per model, so repeated calls do not recompile
-        _JITTED[id(model)] = (model, jax.jit(lambda p, i, m, lo: model.apply(p, i, m, lora=lo)))
-    fn = _JITTED[id(model)][1]
-    return np.asarray(fn(model.params if params is None else params, jnp.asarray(ids),
-                         None if mask is None else jnp.asarray(mask), lora))
-
-
-def make_batch(padding: str = "right", seed: int = 0):
-    """Ids (2, SEQ) and a mask where row 1 is padded (right: 7 real tokens; left: 5 pads; holes: 3 pads inside)."""
-    ids = np.random.RandomState(seed).randint(0, VOCAB, (2, SEQ)).astype(np.int32)
-    mask = np.ones((2, SEQ), np.int32)
-    if padding == "left":
-        mask[1, :5] = 0
-    elif padding == "right":
-        mask[1, 7:] = 0
-    elif padding == "holes":
-        mask[1, 3:6] = 0
-    return ids, mask
+    return redraw(model_cls(config_cls(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **kwargs)),
+                  is_norm=lambda key: ("layernorm" in key or ".ln_" in key) and key.endswith("weight"))
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -161,13 +122,8 @@ def test_config_features_and_param_count(variant):
 
 def test_export_reloads_in_transformers(variant, tmp_path):
     name, hf, _, model = variant
-    out = model.save_pretrained(tmp_path / "export")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(reloaded) is type(hf)
-    ref_state, got_state = hf.state_dict(), reloaded.state_dict()
-    assert set(ref_state) == set(got_state)
-    for key, t in ref_state.items():
-        assert torch.equal(t, got_state[key]), key
+    reloaded = check_export_reloads(hf, model, tmp_path / "export")
+    out = tmp_path / "export"
     ids, mask = make_batch("left")
     np.testing.assert_array_equal(hf_logits(reloaded, ids, mask), hf_logits(hf, ids, mask))
     again = jaxlora.from_pretrained(out)
@@ -207,24 +163,6 @@ def peft_model(hf, fam: str, r: int = 4, alpha: float = 8.0, seed: int = 1):
                                     fan_in_fan_out=fam == "gpt2")  # GPT-2's Conv1D stores (in, out)
 
 
-def lora_tree(model, lora_config: LoraConfig, factors) -> dict:
-    """A LoRA tree placed in the model's LoRA shardings, with `factors(path, names) -> (a, b)` numpy values."""
-    shardings = model.lora_shardings(model.lora_targets(lora_config), lora_config)
-    flat = {}
-    for path, s in lora_items(shardings):
-        a, b = factors(path, module_names(path, model.config.num_hidden_layers, model.names.stack_name))
-        flat[path] = s.replace(a=jax.device_put(a, s.a), b=jax.device_put(b, s.b))
-    return traverse_util.unflatten_dict(flat)
-
-
-def lora_from_peft(model, pm, lora_config: LoraConfig):
-    """Our LoRA tree with PEFT's factors copied in: a[i] = lora_A.weight.T, b[i] = lora_B.weight.T."""
-    modules = dict(pm.base_model.model.named_modules())
-    factor = lambda names, which: np.stack([getattr(modules[n], which)["default"].weight.detach().numpy().T
-                                            for n in names])
-    return lora_tree(model, lora_config, lambda path, names: (factor(names, "lora_A"), factor(names, "lora_B")))
-
-
 @pytest.mark.parametrize("name", ["bloom", "gpt2"])
 def test_lora_on_fused_kernel_matches_peft(name, tmp_path):
     """Logits and LoRA gradients equal PEFT's for the same factors, with left padding (non-pad positions)."""
@@ -235,28 +173,8 @@ def test_lora_on_fused_kernel_matches_peft(name, tmp_path):
     pm = peft_model(hf, fam)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=[PEFT_TARGET[fam]], init_lora_weights=False)
     lora = lora_from_peft(model, pm, cfg)
-    ids, mask = make_batch("left")
-    keep = mask.astype(bool)
-    weights = np.random.RandomState(3).normal(size=(2, SEQ, VOCAB)).astype(np.float32) * keep[..., None]
-
-    ref_t = torch_logits(pm, ids, mask)
-    (ref_t * torch.tensor(weights)).sum().backward()
-    ref = ref_t.detach().numpy()
-    got = jax_logits(model, ids, mask, lora=lora)
-    err = float(np.abs(got - ref)[keep].max())
-    PARITY_ERRORS[f"{name}/peft_lora_{PEFT_TARGET[fam]}/left"] = err
-    assert err < PARITY_ATOL
-    assert np.abs(got - jax_logits(model, ids, mask))[keep].max() > 0.1, "the adapter must change the logits"
-
-    loss = lambda lo: jnp.sum(model.apply(model.params, jnp.asarray(ids), jnp.asarray(mask), lora=lo) * weights)
-    grads = jax.jit(jax.grad(loss))(lora)
-    modules = dict(pm.base_model.model.named_modules())
-    for path, g in lora_items(grads):
-        for i, n in enumerate(module_names(path, model.config.num_hidden_layers, model.names.stack_name)):
-            for ours, theirs in ((g.a[i], modules[n].lora_A["default"].weight.grad.T),
-                                 (g.b[i], modules[n].lora_B["default"].weight.grad.T)):
-                theirs = theirs.numpy()
-                np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4 * np.abs(theirs).max(), rtol=0)
+    _, PARITY_ERRORS[f"{name}/peft_lora_{PEFT_TARGET[fam]}/left"] = check_lora_matches_peft(
+        model, pm, lora, *make_batch("left"))
 
 
 def test_lora_module_names_are_peft_names(variant):
@@ -267,12 +185,8 @@ def test_lora_module_names_are_peft_names(variant):
     (default,) = model.lora_targets(LoraConfig(r=2))
     assert module_names(default.path, n_layers, model.names.stack_name)[0] == {
         "bloom": "transformer.h.0.self_attention.query_key_value", "gpt2": "transformer.h.0.attn.c_attn"}[fam]
-    ours = {n for t in model.lora_targets(LoraConfig(r=2, target_modules="all-linear"))
-            for n in module_names(t.path, n_layers, model.names.stack_name)}
-    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, target_modules="all-linear"))
-    theirs = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lora_A")}
-    assert ours == theirs
-    assert len(ours) == 4 * n_layers and not any("lm_head" in n for n in ours)
+    ours = check_peft_module_names(hf, model, per_layer=4)
+    assert not any("lm_head" in n for n in ours)
 
 
 # ------------------------------------------------------------------------------------------ sharding, remat

@@ -10,30 +10,27 @@ unsupported config fields named in one ValueError. The real Gemma-3-270m runs wh
 
 from __future__ import annotations
 
-import copy
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-import peft
 import pytest
 import torch
 import transformers
-from flax import traverse_util
 
 import assets
 import jaxlora
+from family_helpers import (SEQ, VOCAB, MESH_ATOL, PARITY_ATOL, check_export_reloads, check_greedy_generation,
+                            check_logits_match, check_lora_ga_step0, check_lora_grads_match_peft,
+                            check_peft_module_names, check_unsupported_field, hf_logits, jax_logits, lora_from_peft,
+                            lora_ga_batches, make_batch, one_device, redraw)
+from family_helpers import torch_single_thread  # noqa: F401  (autouse)
 from jaxlora import sharding
-from jaxlora.generation import generate_ids
-from jaxlora.lora import LoraConfig, LoraGAConfig, lora_items, module_names
+from jaxlora.lora import LoraConfig, LoraGAConfig, lora_items
 from jaxlora.models.gemma import GemmaConfig
 from jaxlora.sharding import MeshConfig
 from tiny import peft_with_random_factors
 
-PARITY_ATOL = 1e-4  # float32, PyTorch vs XLA on CPU
-MESH_ATOL = 1e-5
-SEQ, VOCAB, WINDOW = 12, 128, 4
+WINDOW = 4
 # 3 layers, head_dim 32 != hidden / heads, GQA 4:2, query_pre_attn_scalar != head_dim, a window of 4 tokens
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32, max_position_embeddings=64, sliding_window=WINDOW,
@@ -55,63 +52,12 @@ PARITY_ERRORS: dict[str, float] = {}
 
 def build_hf(name: str, seed: int = 0, **extra) -> transformers.PreTrainedModel:
     """A tiny transformers Gemma of `name` (eager attention), weights redrawn so logits are O(1) and the (1 + w)
-    norms non-trivial."""
+    norms (the four layer norms, q_norm/k_norm and the final norm) non-trivial."""
     config_cls, model_cls, kwargs = FAMILIES[name]
     torch.manual_seed(seed)
     config = config_cls(**{**TINY, **kwargs, **extra})
     config._attn_implementation = "eager"
-    model = model_cls(config).eval()
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if key.endswith("norm.weight"):  # the four layer norms, q_norm/k_norm and the final norm: 1 + w
-                p.uniform_(-0.5, 0.5)
-            else:  # kernels, embeddings and biases
-                p.normal_(0.0, 0.2)
-    return model
-
-
-def hf_logits(model, ids, mask=None) -> np.ndarray:
-    with torch.no_grad():
-        out = model(torch.tensor(ids), attention_mask=None if mask is None else torch.tensor(mask))
-    return out.logits.float().numpy()
-
-
-_JITTED: dict = {}
-
-
-def jax_logits(model, ids, mask=None, lora=None, module=None) -> np.ndarray:
-    module = module or model.module
-    key = (id(model), id(module))
-    if key not in _JITTED:  # one jitted forward per model and module, kept alive with them
-        def fn(p, i, m, lo):
-            with sharding.activation_sharding(model.mesh, model.rules):
-                return module.apply({"params": p}, i, m, None, lo)
-        _JITTED[key] = (model, module, jax.jit(fn))
-    return np.asarray(_JITTED[key][2](model.params, jnp.asarray(ids), None if mask is None else jnp.asarray(mask),
-                                      lora))
-
-
-def one_device():
-    return sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1])
-
-
-def make_batch(padding: str = "right", seed: int = 0):
-    """Ids (2, SEQ) and a mask where row 1 is padded (right: 7 real tokens; left: 5 pads)."""
-    ids = np.random.RandomState(seed).randint(0, VOCAB, (2, SEQ)).astype(np.int32)
-    mask = np.ones((2, SEQ), np.int32)
-    if padding == "left":
-        mask[1, :5] = 0
-    elif padding == "right":
-        mask[1, 7:] = 0
-    return ids, mask
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _torch_single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return redraw(model_cls(config), norm_range=(-0.5, 0.5))
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -129,16 +75,7 @@ def family(request, tmp_path_factory):
 @pytest.mark.parametrize("padding", ["unpadded", "right", "left"])
 def test_logits_match_transformers(family, padding):
     name, hf, _, model = family
-    ids, mask = make_batch(padding)
-    mask = None if padding == "unpadded" else mask
-    ref = hf_logits(hf, ids, mask)
-    keep = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
-    got = jax_logits(model, ids, keep.astype(np.int32))  # all ones when unpadded: one compilation for the three
-    err = float(np.abs(got - ref)[keep].max())
-    PARITY_ERRORS[f"{name}/{padding}"] = err
-    assert got.shape == ref.shape == (2, SEQ, VOCAB)
-    assert np.abs(ref).max() > 1.0, "reference logits are too small for the tolerance to mean anything"
-    assert err < PARITY_ATOL
+    check_logits_match(hf, model, padding, PARITY_ERRORS, name)
 
 
 def test_window_softcaps_and_ropes_matter(family):
@@ -204,29 +141,10 @@ def test_older_config_spellings_read_as_transformers_reads_them(name):
 
 def test_export_reloads_in_transformers(family, tmp_path):
     _, hf, _, model = family
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(model.save_pretrained(tmp_path / "export")).eval()
-    assert type(reloaded) is type(hf)
-    ref_state, got_state = hf.state_dict(), reloaded.state_dict()
-    assert set(ref_state) == set(got_state)
-    for key, t in ref_state.items():
-        assert torch.equal(t, got_state[key]), key
+    check_export_reloads(hf, model, tmp_path / "export")
 
 
 # ------------------------------------------------------------------------------------------ LoRA
-
-
-def lora_from_peft(model, pm, lora_config: LoraConfig) -> dict:
-    """Our LoRA tree (in the model's LoRA shardings) with PEFT's factors: a[i] = lora_A.weight.T, b = lora_B.T."""
-    modules = dict(pm.base_model.model.named_modules())
-    factor = lambda names, which: np.stack([getattr(modules[n], which)["default"].weight.detach().numpy().T
-                                            for n in names])
-    shardings = model.lora_shardings(model.lora_targets(lora_config), lora_config)
-    flat = {}
-    for path, s in lora_items(shardings):
-        names = module_names(path, model.config.num_hidden_layers, model.names.stack_name)
-        flat[path] = s.replace(a=jax.device_put(factor(names, "lora_A"), s.a),
-                               b=jax.device_put(factor(names, "lora_B"), s.b))
-    return traverse_util.unflatten_dict(flat)
 
 
 @pytest.fixture(scope="module")
@@ -266,54 +184,25 @@ def test_lora_matches_peft(family, peft_run):
     assert err < PARITY_ATOL
     base = jax_logits(model, ids[:2], mask[:2])  # the shape the parity test compiled
     assert np.abs(got[:2] - base)[keep[:2]].max() > 0.1, "the adapter must change the logits"
-    modules = dict(pm.base_model.model.named_modules())
-    worst = 0.0
-    for path, g in lora_items(grads):
-        for i, n in enumerate(module_names(path, model.config.num_hidden_layers, model.names.stack_name)):
-            for mine, theirs in ((g.a[i], modules[n].lora_A["default"].weight.grad.T),
-                                 (g.b[i], modules[n].lora_B["default"].weight.grad.T)):
-                theirs = theirs.numpy()
-                worst = max(worst, float(np.abs(np.asarray(mine) - theirs).max() / np.abs(theirs).max()))
+    worst = check_lora_grads_match_peft(model, pm, grads)
     PARITY_ERRORS[f"{name}/peft_lora_grads(rel)"] = worst
     assert worst < 1e-4
-
-    n_layers = model.config.num_hidden_layers
-    names = {n for t in model.lora_targets(LoraConfig(r=2, target_modules="all-linear"))
-             for n in module_names(t.path, n_layers, model.names.stack_name)}
-    pm_all = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, target_modules="all-linear"))
-    theirs = {n.removeprefix("base_model.model.") for n, m in pm_all.named_modules() if hasattr(m, "lora_A")}
-    assert names == theirs and len(names) == 7 * n_layers
+    check_peft_module_names(hf, model, per_layer=7)
 
 
 def test_lora_ga_step0_is_the_base(family):
     """LoRA-GA (exact SVD, one tiny batch) on the default targets: step-0 logits equal the base's, and a @ b is
     nonzero in every layer (the update a @ b - a0 @ b0 moves off zero as soon as a, b train)."""
     name, _, _, model = family
-    rs = np.random.RandomState(0)
-    batches = []
-    for _ in range(2):
-        ids = rs.randint(3, VOCAB, (2, SEQ)).astype(np.int32)
-        mask = np.ones((2, SEQ), np.int32)
-        mask[0, SEQ - 4:] = 0
-        labels = np.where(mask == 1, ids, -100)
-        labels[:, :3] = -100
-        batches.append(dict(input_ids=ids * mask, attention_mask=mask, labels=labels))
+    batches = lora_ga_batches(2)
     cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights="lora_ga",
                      lora_ga_config=LoraGAConfig(batch_size=2, num_batches=1, svd_method="exact"))
     # one estimation batch: jaxlora compiles the estimation step twice for two (its count accumulator starts
     # unsharded), and that second compilation is the slowest part of this test; step 0 is checked on both batches
-    lora = jaxlora.lora_ga_init(model, cfg, batches, progress=False)
-    leaves = dict(lora_items(lora))
+    leaves = dict(lora_items(check_lora_ga_step0(model, cfg, batches, name)))
     assert {p[-1] for p in leaves} == {"q_proj", "v_proj"}
     for w in leaves.values():  # a nonzero update once training moves a, b off a0, b0: each layer's a @ b is nonzero
         assert np.abs(np.einsum("lir,lro->lio", np.asarray(w.a), np.asarray(w.b))).max(axis=(1, 2)).min() > 0
-    worst, scale = 0.0, 0.0
-    for b in batches:
-        ref = jax_logits(model, b["input_ids"], b["attention_mask"])
-        got = jax_logits(model, b["input_ids"], b["attention_mask"], lora=lora)
-        worst, scale = max(worst, float(np.abs(got - ref).max())), max(scale, float(np.abs(ref).max()))
-    print(f"\n{name} LoRA-GA step 0 vs base: max-abs {worst:.3e} (max |logit| {scale:.2f})")
-    assert worst < 1e-5 * scale
 
 
 # ------------------------------------------------------------------------------------------ sharding, generation
@@ -341,17 +230,7 @@ def test_greedy_generation_equals_transformers(family):
     """Prompts of different lengths, most longer than the window, batched together (left padded by generate_ids)
     vs transformers' generate on each unpadded prompt: the cached decode keeps the window and the soft-caps."""
     _, hf, _, model = family
-    rs = np.random.RandomState(1)
-    prompts = [rs.randint(3, VOCAB, n).tolist() for n in (3, 9, 1, 14)]
-    ours = generate_ids(model, model.params, prompts, max_new_tokens=8, eos_token_id=2, pad_token_id=0)
-    refs = []
-    for p in prompts:
-        with torch.no_grad():
-            out = hf.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                              max_new_tokens=8, do_sample=False, eos_token_id=2, pad_token_id=0)
-        refs.append(out[0, len(p):].tolist())
-    assert ours == refs
-    assert len({tuple(r) for r in refs}) > 1
+    check_greedy_generation(hf, model, lengths=(3, 9, 1, 14), max_new_tokens=8)
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -370,12 +249,7 @@ def test_greedy_generation_equals_transformers(family):
 ], ids=lambda x: x if isinstance(x, str) else "")
 def test_unsupported_config_field_is_named(tmp_path, name, field, change):
     config_cls, model_cls, kwargs = FAMILIES[name]
-    hf = config_cls(**{**TINY, **kwargs}).to_dict()
-    hf.update(architectures=[model_cls.__name__], **change)
-    (tmp_path / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(ValueError, match=field) as e:
-        jaxlora.from_pretrained(tmp_path)
-    assert "config.json" in str(e.value)
+    check_unsupported_field(tmp_path, config_cls(**{**TINY, **kwargs}).to_dict(), model_cls.__name__, field, change)
 
 
 # ------------------------------------------------------------------------------------------ the real Gemma-3-270m

@@ -2,13 +2,14 @@
 (unpadded, right- and left-padded; top-2 of 4 and top-1 with a sliding window), export that transformers reloads,
 per-expert LoRA (attention + each expert's w1/w2/w3) equal to PEFT's once exported in the PEFT layout PEFT converts
 for Mixtral, and equal to the merged model; HF module names, a LoRA-GA init at the base, sharded (experts over the
-tensor axis) == single-device logits with LoRA, greedy generation equal to transformers', and unsupported config
-fields named in one ValueError.
+tensor axis) == single-device logits with LoRA, greedy generation equal to transformers', the optional router
+load-balancing loss (output_router_logits) equal to transformers' (value, training loss and LoRA gradients), and
+unsupported config fields named in one ValueError.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 
 import jax
 import jax.numpy as jnp
@@ -20,15 +21,19 @@ import transformers
 from safetensors import safe_open
 
 import jaxlora
+from family_helpers import (VOCAB, PARITY_ATOL, check_export_reloads, check_greedy_generation, check_logits_match,
+                            check_lora_ga_step0, check_lora_grads_match_peft, check_packed_row, check_unsupported_field,
+                            family_fixtures, hf_logits, jax_logits, lora_from_peft, lora_ga_batches, make_batch,
+                            one_device, redraw)
+from family_helpers import torch_single_thread  # noqa: F401  (autouse)
 from jaxlora import sharding
-from jaxlora.generation import generate_ids
 from jaxlora.lora import LoraConfig, LoraGAConfig, LoraGAError, lora_items, module_names
 from jaxlora.models.mixtral import route
 from jaxlora.sharding import MeshConfig
+from tiny import peft_with_random_factors
 
-PARITY_ATOL = 1e-4  # float32, PyTorch vs XLA on CPU
 MESH_RTOL = 1e-5  # x max|logit|: the expert combine is a cross-device sum when experts are split (float32 order)
-SEQ, VOCAB, LAYERS, EXPERTS = 12, 128, 2, 4
+LAYERS, EXPERTS = 2, 4
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=48, num_hidden_layers=LAYERS, num_attention_heads=4,
             num_key_value_heads=2, num_local_experts=EXPERTS, num_experts_per_tok=2, max_position_embeddings=64,
             rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -40,75 +45,9 @@ EXPERT_TARGETS = ["q_proj", "v_proj", "w1", "w2", "w3"]
 PARITY_ERRORS: dict[str, float] = {}
 
 
-def build_hf(name: str = "mixtral", seed: int = 0) -> transformers.MixtralForCausalLM:
-    """A tiny transformers Mixtral of variant `name`, weights redrawn so logits are O(1) and routing is uneven."""
-    torch.manual_seed(seed)
-    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**{**TINY, **VARIANTS[name]})).eval()
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if key.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.2)
-    return model
-
-
-def hf_logits(model, ids, mask=None) -> np.ndarray:
-    with torch.no_grad():
-        out = model(torch.tensor(ids), attention_mask=None if mask is None else torch.tensor(mask))
-    return out.logits.float().numpy()
-
-
-_JITTED: dict = {}
-
-
-def jax_logits(model, ids, mask=None, lora=None) -> np.ndarray:
-    if id(model) not in _JITTED:  # one jitted forward per model, kept alive with it
-        _JITTED[id(model)] = (model, jax.jit(lambda p, i, m, lo: model.apply(p, i, m, lora=lo)))
-    fn = _JITTED[id(model)][1]
-    return np.asarray(fn(model.params, jnp.asarray(ids), None if mask is None else jnp.asarray(mask), lora))
-
-
-def make_batch(padding: str = "right", seed: int = 0):
-    """Ids (2, SEQ) and a mask where row 1 is padded (right: 7 real tokens; left: 5 pads)."""
-    ids = np.random.RandomState(seed).randint(0, VOCAB, (2, SEQ)).astype(np.int32)
-    mask = np.ones((2, SEQ), np.int32)
-    if padding == "left":
-        mask[1, :5] = 0
-    elif padding == "right":
-        mask[1, 7:] = 0
-    return ids, mask
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _torch_single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-_LOADED: dict = {}
-
-
-def loaded(name: str, tmp_path_factory):
-    """(hf model, folder, jaxlora model) of a variant, built once per module."""
-    if name not in _LOADED:
-        hf = build_hf(name)
-        folder = tmp_path_factory.mktemp(name)
-        hf.save_pretrained(folder)
-        _LOADED[name] = (hf, folder, jaxlora.from_pretrained(folder))
-    return _LOADED[name]
-
-
-@pytest.fixture(scope="module", params=list(VARIANTS))
-def variant(request, tmp_path_factory):
-    return (request.param, *loaded(request.param, tmp_path_factory))
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return loaded("mixtral", tmp_path_factory)
+# the variants, weights redrawn so logits are O(1) and norms non-trivial, each built once
+loaded, variant, base = family_fixtures(transformers.MixtralForCausalLM, transformers.MixtralConfig, TINY, VARIANTS,
+                                        base="mixtral")
 
 
 def random_lora(model, cfg: LoraConfig, seed: int = 1) -> dict:
@@ -122,15 +61,7 @@ def random_lora(model, cfg: LoraConfig, seed: int = 1) -> dict:
 @pytest.mark.parametrize("padding", ["unpadded", "right", "left"])
 def test_logits_match_transformers(variant, padding):
     name, hf, _, model = variant
-    ids, mask = make_batch(padding)  # "unpadded": an all-ones mask (one compiled forward for the three)
-    ref, got = hf_logits(hf, ids, None if padding == "unpadded" else mask), jax_logits(model, ids, mask)
-    keep = mask.astype(bool)
-    err = float(np.abs(got - ref)[keep].max())
-    PARITY_ERRORS[f"{name}/{padding}"] = err
-    PARITY_ERRORS[f"{name}/{padding} (rel. to max|logit|)"] = err / float(np.abs(ref).max())
-    assert got.shape == ref.shape == (2, SEQ, VOCAB)
-    assert np.abs(ref).max() > 1.0, "reference logits are too small for the tolerance to mean anything"
-    assert err < PARITY_ATOL
+    check_logits_match(hf, model, padding, PARITY_ERRORS, name)
 
 
 def test_routing_is_transformers_router():
@@ -165,32 +96,15 @@ def test_config_features_and_param_count(variant):
 
 def test_export_reloads_in_transformers(base, tmp_path):
     hf, folder, model = base
-    out = model.save_pretrained(tmp_path / "export")
-    with safe_open(str(out / "model.safetensors"), "np") as f, safe_open(str(folder / "model.safetensors"), "np") as g:
+    check_export_reloads(hf, model, tmp_path / "export")
+    with safe_open(str(tmp_path / "export" / "model.safetensors"), "np") as f, \
+            safe_open(str(folder / "model.safetensors"), "np") as g:
         assert set(f.keys()) == set(g.keys())  # the checkpoint layout (block_sparse_moe.experts.N.w1), key for key
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    ref_state, got_state = hf.state_dict(), reloaded.state_dict()
-    assert set(ref_state) == set(got_state)
-    for key, t in ref_state.items():
-        assert torch.equal(t, got_state[key]), key
 
 
 def test_packed_row_equals_its_sequences_alone(tmp_path_factory):
-    """A packed row (attention_mask = segment ids 1, 2; positions restarting at each segment, as `data.packing`
-    makes them) gives each sequence the logits it gets alone (right padded), via common.causal_padding_mask."""
-    _, _, model = loaded('mixtral', tmp_path_factory)
-    ids = np.random.RandomState(2).randint(3, VOCAB, SEQ).astype(np.int32)
-    n = 5  # sequence a: ids[:5], sequence b: ids[5:]
-    pad = lambda x: np.concatenate([x, np.zeros(SEQ - len(x), np.int32)])
-    batch = np.stack([ids, pad(ids[:n]), pad(ids[n:])])
-    mask = np.stack([np.r_[np.ones(n), 2 * np.ones(SEQ - n)], pad(np.ones(n, np.int32)),
-                     pad(np.ones(SEQ - n, np.int32))]).astype(np.int32)
-    positions = np.stack([np.r_[np.arange(n), np.arange(SEQ - n)], np.arange(SEQ), np.arange(SEQ)]).astype(np.int32)
-    out = np.asarray(jax.jit(lambda p, i, m, q: model.apply(p, i, m, positions=q))(model.params, batch, mask,
-                                                                                   positions))
-    scale = np.abs(out).max()
-    np.testing.assert_allclose(out[0, :n], out[1, :n], atol=1e-5 * scale, rtol=0)
-    np.testing.assert_allclose(out[0, n:], out[2, :SEQ - n], atol=1e-5 * scale, rtol=0)
+    """A packed row (segment ids, positions restarting per segment) gives each sequence its logits alone."""
+    check_packed_row(loaded("mixtral", tmp_path_factory)[2])
 
 
 # ------------------------------------------------------------------------------------------ LoRA
@@ -247,25 +161,12 @@ def test_lora_ga_step0_is_the_base(base):
     """LoRA-GA (exact SVD, one tiny batch) on the attention projections: step-0 logits equal the base's; on the
     stacked expert kernels it is one error naming the module (not implemented)."""
     _, _, model = base
-    ids = np.random.RandomState(0).randint(3, VOCAB, (2, SEQ)).astype(np.int32)
-    mask = np.ones((2, SEQ), np.int32)
-    mask[0, SEQ - 4:] = 0
-    labels = np.where(mask == 1, ids, -100)
-    labels[:, :3] = -100
-    batches = [dict(input_ids=ids * mask, attention_mask=mask, labels=labels)]
+    batches = lora_ga_batches(1)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                      init_lora_weights="lora_ga",
                      lora_ga_config=LoraGAConfig(batch_size=2, num_batches=1, svd_method="exact"))
-    lora = jaxlora.lora_ga_init(model, cfg, batches, progress=False)
-    leaves = dict(lora_items(lora))
+    leaves = dict(lora_items(check_lora_ga_step0(model, cfg, batches, "mixtral")))
     assert len(leaves) == 2 and all(float(jnp.abs(w.b).max()) > 0 for w in leaves.values())
-    worst, scale = 0.0, 0.0
-    for b in batches:
-        ref = jax_logits(model, b["input_ids"], b["attention_mask"])
-        got = jax_logits(model, b["input_ids"], b["attention_mask"], lora=lora)
-        worst, scale = max(worst, float(np.abs(got - ref).max())), max(scale, float(np.abs(ref).max()))
-    print(f"\nmixtral LoRA-GA step 0 vs base: max-abs {worst:.3e} (max |logit| {scale:.2f})")
-    assert worst < 1e-5 * scale
     expert_cfg = LoraConfig(r=4, target_modules=["q_proj", "w1"], init_lora_weights="lora_ga",
                             lora_ga_config=LoraGAConfig(batch_size=2, num_batches=1, svd_method="exact"))
     with pytest.raises(LoraGAError, match="stacked expert kernels .*block_sparse_moe.experts.w1"):
@@ -276,12 +177,12 @@ def test_quantized_experts_are_the_dequantized_model(base):
     """QLoRA's base: with nf4 kernels (experts included, loaded layer by layer; the router kept dense) the logits are
     the dense model's on the dequantized weights (adapters add to the dequantized kernels as on a dense one)."""
     _, folder, model = base
-    q = jaxlora.from_pretrained(folder, quantization="nf4")
+    q = jaxlora.from_pretrained(folder, quantization="nf4", mesh=one_device())  # the base model's device
     assert jaxlora.quant.is_quantized(q.params["model"]["layers"]["block_sparse_moe"]["experts"]["w2"]["kernel"])
     assert not jaxlora.quant.is_quantized(q.params["model"]["layers"]["block_sparse_moe"]["gate"]["weight"])
     ids, mask = make_batch("right")
     got = jax_logits(q, ids, mask)
-    want = np.asarray(model.apply(jaxlora.quant.dequantize_params(q.params), ids, mask))
+    want = jax_logits(model, ids, mask, params=jaxlora.quant.dequantize_params(q.params))
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
     assert np.abs(got - jax_logits(model, ids, mask)).max() > 1e-3, "nf4 must actually quantize the experts"
 
@@ -312,35 +213,71 @@ def test_greedy_generation_equals_transformers(tmp_path_factory):
     """Prompts of different lengths batched together (left padded by generate_ids) vs transformers' generate on
     each unpadded prompt, on mixtral_top1_window (top-1 routing, its 5-token window through the KV cache)."""
     hf, _, model = loaded("mixtral_top1_window", tmp_path_factory)
-    rs = np.random.RandomState(1)
-    prompts = [rs.randint(3, VOCAB, n).tolist() for n in (3, 9, 1, 17)]
-    ours = generate_ids(model, model.params, prompts, max_new_tokens=10, eos_token_id=2, pad_token_id=0)
-    refs = []
-    for p in prompts:
-        with torch.no_grad():
-            out = hf.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                              max_new_tokens=10, do_sample=False, eos_token_id=2, pad_token_id=0)
-        refs.append(out[0, len(p):].tolist())
-    assert ours == refs
-    assert len({tuple(r) for r in refs}) > 1
+    check_greedy_generation(hf, model)
 
 
 # ------------------------------------------------------------------------------------------ bad input
 
 
 @pytest.mark.parametrize("field, change", [
-    ("output_router_logits", dict(output_router_logits=True)),
     ("router_jitter_noise", dict(router_jitter_noise=0.01)),
     ("rope_parameters", dict(rope_parameters=dict(rope_type="yarn", factor=2.0, rope_theta=10000.0))),
     ("hidden_act", dict(hidden_act="gelu")),
 ], ids=lambda x: x if isinstance(x, str) else "")
 def test_unsupported_config_field_is_named(tmp_path, field, change):
-    hf = transformers.MixtralConfig(**TINY).to_dict()
-    hf.update(architectures=["MixtralForCausalLM"], **change)
-    (tmp_path / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(ValueError, match=field) as e:
-        jaxlora.from_pretrained(tmp_path)
-    assert "config.json" in str(e.value)
+    check_unsupported_field(tmp_path, transformers.MixtralConfig(**TINY).to_dict(), "MixtralForCausalLM", field,
+                            change)
+
+
+# ------------------------------------------------------------------------------------------ router load balancing
+
+
+def test_router_aux_loss_matches_transformers(tmp_path, tmp_path_factory):
+    """output_router_logits=true (coef 0.05): the load-balancing loss, the training loss CE + coef * aux (the mean of
+    `Model.loss_sums`, also with the head in chunks and per row) and its LoRA gradients (a PEFT q/v adapter, random
+    factors) equal transformers' on a right-padded batch, float32, within 1e-5. Off (the default) the same
+    weights give the same logits and the loss is CE alone."""
+    coef = 0.05
+    torch.manual_seed(0)  # the weights of the "mixtral" variant, with the option on
+    hf = redraw(transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        **TINY, output_router_logits=True, router_aux_loss_coef=coef)))
+    hf.save_pretrained(tmp_path / "aux")
+    model = jaxlora.from_pretrained(tmp_path / "aux", mesh=one_device())
+    chunked = copy.copy(model)  # the same model, its head applied to 4 tokens at a time in the loss
+    chunked.loss_chunk = 4
+    _, _, off = loaded("mixtral", tmp_path_factory)
+    assert model.config.aux_loss_coef == coef and off.config.aux_loss_coef == 0.0
+    pm = peft_with_random_factors(hf, 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    lora = lora_from_peft(model, pm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                init_lora_weights=False))
+    ids, mask = make_batch("right")
+    batch = dict(input_ids=ids, attention_mask=mask, labels=np.where(mask == 1, ids, -100))
+    ref = pm(torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(batch["labels"]).long())
+    factors = [p for name, p in pm.named_parameters() if "lora_" in name]
+    aux_grads = torch.autograd.grad(coef * ref.aux_loss, factors, retain_graph=True)
+    ref.loss.backward()
+    moved = max(float(g.abs().max() / p.grad.abs().max()) for g, p in zip(aux_grads, factors))
+    print(f"\nthe aux term's share of transformers' LoRA gradients: up to {moved:.2e} x max |grad|")
+    assert moved > 1e-3, "the aux term's gradient must be far above the tolerance for the comparison to test it"
+
+    ref_aux, ref_loss = float(ref.aux_loss.detach()), float(ref.loss.detach())
+    mean = lambda m: lambda lo: (lambda total, count: total / count)(*m.loss_sums(m.params, batch, lo))
+    loss, grads = jax.jit(jax.value_and_grad(mean(model)))(lora)
+    aux, loss_chunked, (total_r, count_r), ce, logits, logits_off = jax.jit(lambda lo: (  # one compilation
+        model.apply(model.params, ids, mask, lora=lo, aux_loss=True)[1], mean(chunked)(lo),
+        model.loss_sums(model.params, batch, lo, per_row=True), mean(off)(lo),
+        model.apply(model.params, ids, mask, lora=lo), off.apply(off.params, ids, mask, lora=lo)))(lora)
+    PARITY_ERRORS["mixtral/router aux loss"] = abs(float(aux) - ref_aux)
+    PARITY_ERRORS["mixtral/CE + coef * aux"] = abs(float(loss) - ref_loss)
+    print(f"aux {float(aux):.6f} (transformers {ref_aux:.6f}), loss {float(loss):.6f} ({ref_loss:.6f})")
+    assert abs(float(aux) - ref_aux) < 1e-5 and float(aux) > 1.0  # k = 2 for even routing, more if not
+    assert abs(float(loss) - ref_loss) < 1e-5
+    PARITY_ERRORS["mixtral/CE + coef * aux LoRA grads (rel)"] = check_lora_grads_match_peft(model, pm, grads, rel=1e-5)
+    assert abs(float(loss_chunked) - float(loss)) < 1e-5
+    np.testing.assert_allclose(float(jnp.sum(total_r) / jnp.sum(count_r)), float(loss), atol=1e-6, rtol=0)
+
+    np.testing.assert_array_equal(np.asarray(logits_off), np.asarray(logits))  # off: the same model, CE alone
+    assert abs(float(ce) - (ref_loss - coef * ref_aux)) < 1e-5 and coef * float(aux) > 1e-2
 
 
 # ------------------------------------------------------------------------------------------ plan shapes

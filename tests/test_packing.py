@@ -80,27 +80,38 @@ def pack_row(exs, length: int) -> dict:
     return row
 
 
+def alone_batch(exs) -> dict:
+    """The examples one per row, right-padded to the longest (causal: a row's pad tokens after it change nothing
+    before them, so each row is its example alone)."""
+    length = max(len(ids) for ids, _ in exs)
+    batch = {"input_ids": np.zeros((len(exs), length), np.int32), "attention_mask": np.zeros((len(exs), length),
+                                                                                              np.int32),
+             "labels": np.full((len(exs), length), IGNORE_INDEX, np.int32)}
+    for r, (ids, labels) in enumerate(exs):
+        batch["input_ids"][r, :len(ids)], batch["attention_mask"][r, :len(ids)] = ids, 1
+        batch["labels"][r, :len(ids)] = labels
+    return batch
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_packed_example_equals_the_example_alone(name):
     model = Model.random(FAMILIES[name].to_dict(), mesh=sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1]))
     params = redrawn(model)
     exs = examples(np.random.default_rng(0))
     row = pack_row(exs, sum(LENGTHS) + 3)
-    packed_logits = np.asarray(model.apply(params, row["input_ids"], row["attention_mask"],
-                                           positions=row["positions"]))
-    packed_sum, packed_count = model.loss_sums(params, row)
-    alone_sum = alone_count = 0.0
+    alone = alone_batch(exs)
+    logits = jax.jit(lambda p, b: model.apply(p, b["input_ids"], b["attention_mask"], positions=b.get("positions")))
+    losses = jax.jit(model.loss_sums)
+    packed_logits, alone_logits = np.asarray(logits(params, row)), np.asarray(logits(params, alone))
+    (packed_sum, packed_count), (alone_sum, alone_count) = losses(params, row), losses(params, alone)
     start = 0
-    for ids, labels in exs:
-        batch = {"input_ids": ids[None], "attention_mask": np.ones((1, len(ids)), np.int32), "labels": labels[None]}
-        alone = np.asarray(model.apply(params, batch["input_ids"], batch["attention_mask"]))
-        assert alone.std() > 0.1  # the comparison is not between near-zero logits
-        np.testing.assert_allclose(packed_logits[0, start:start + len(ids)], alone[0], atol=ATOL, rtol=0)
-        s, c = model.loss_sums(params, batch)
-        alone_sum, alone_count = alone_sum + float(s), alone_count + float(c)
+    for r, (ids, _) in enumerate(exs):
+        want = alone_logits[r, :len(ids)]
+        assert want.std() > 0.1  # the comparison is not between near-zero logits
+        np.testing.assert_allclose(packed_logits[0, start:start + len(ids)], want, atol=ATOL, rtol=0)
         start += len(ids)
-    assert float(packed_count) == alone_count == sum(n - 2 for n in LENGTHS) - 0  # labels 2.. of each, shifted
-    np.testing.assert_allclose(float(packed_sum), alone_sum, rtol=ATOL)
+    assert float(packed_count) == float(alone_count) == sum(n - 2 for n in LENGTHS)  # labels 2.. of each, shifted
+    np.testing.assert_allclose(float(packed_sum), float(alone_sum), rtol=ATOL)
 
 
 def test_packed_sharded_equals_unsharded():

@@ -12,6 +12,7 @@ shape or model is a clear ResumeError; over-long examples are truncated and coun
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -420,10 +421,15 @@ def test_checkpoints_are_adapter_sized_and_rotated(model, resume_runs):
     tx, _ = optim.make_optimizer(OptimConfig(), 12)
     state_bytes = nbytes(trainable) + nbytes(jax.eval_shape(tx.init, trainable))
     base_bytes = nbytes(model.params)
-    # The overhead is orbax's metadata (~50 KB here) plus its OCDBT B-tree nodes: replicated arrays are saved in
-    # per-replica slices, and slices under 1 KiB (only in tiny models like this one) are inlined into nodes that are
-    # rewritten per commit and copied on merge. Saving the base, or the state twice, breaks this bound.
-    assert ckpt_bytes < 3 * state_bytes + 128 * 1024, (ckpt_bytes, state_bytes)
+    # What orbax stored for each array (its OCDBT index: chunks and zarr metadata, 0.2-0.3 KB per array here): the
+    # state once, nothing of the base. (The files on disk add orbax's metadata and OCDBT B-tree nodes, whose sizes
+    # vary from run to run with how its asynchronous commits batch: 155-281 KB for this 43 KB state, so the
+    # on-disk total is bounded against the base only.)
+    from orbax.checkpoint._src.serialization import ocdbt_utils
+    stored = asyncio.run(ocdbt_utils.get_tensor_raw_bytes(out / "checkpoints" / "12" / "state"))
+    payload = sum(stored.values())
+    assert state_bytes <= payload < state_bytes + 512 * len(stored), (payload, state_bytes, len(stored))
+    assert len(stored) == len(jax.tree.leaves((trainable, jax.eval_shape(tx.init, trainable)))), sorted(stored)
     assert ckpt_bytes < base_bytes / 4, (ckpt_bytes, base_bytes)
 
 

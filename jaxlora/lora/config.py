@@ -1,4 +1,5 @@
-"""LoRA's configuration: `LoraConfig` (PEFT's field names and meanings) and `LoraGAConfig` (LoRA-GA's options).
+"""LoRA's configuration: `LoraConfig` (PEFT's field names and meanings), `LoraGAConfig` (LoRA-GA's options, and the
+estimation batches of every data-driven init), `EvaConfig` and `CordaConfig` (PEFT's options of EVA and CorDA).
 
 Typed, frozen dataclasses validated in `__post_init__`; a run config's `lora:` section fills `LoraConfig`.
 """
@@ -9,8 +10,11 @@ import dataclasses
 import re
 
 # "pissa_niter_K" (K >= 0 power iterations of a randomized SVD) is accepted besides these (`valid_init`).
-INIT_METHODS = (True, False, "gaussian", "lora_ga", "pissa", "olora", "lora_one")
-DATA_INITS = ("lora_ga", "lora_one")  # inits that estimate a gradient on batches (lora_ga_config's estimation options)
+INIT_METHODS = (True, False, "gaussian", "lora_ga", "pissa", "olora", "lora_one", "eva", "corda")
+# inits computed on estimation batches (lora_ga_config's batch_size / num_batches): a gradient (LoRA-GA, LoRA-One) or
+# the targeted layers' inputs (EVA, CorDA)
+DATA_INITS = ("lora_ga", "lora_one", "eva", "corda")
+RELATIVE_INITS = ("lora_ga", "pissa", "olora", "corda")  # frozen a0/b0 offsets (besides "pissa_niter_K")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 
@@ -81,6 +85,43 @@ class LoraGAConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvaConfig:
+    """EVA's options (`jaxlora.lora.inits.eva`), PEFT's EvaConfig names; rho defaults to 1 here (PEFT: 2)."""
+
+    rho: float = 1.0  # rank redistribution across layers (PEFT: max rank r*rho); only 1 (none) is implemented: the
+    #                   layers of a scanned stack share one rank, so per-layer ranks cannot be represented
+    tau: float = 0.99  # PEFT's convergence threshold of its incremental PCA; the PCA here is exact (no iteration)
+    use_label_mask: bool = True  # drop the tokens whose label is label_mask_value (besides padding)
+    label_mask_value: int = -100
+    whiten: bool = False  # components divided by the square roots of their singular values
+    adjust_scaling_factors: bool = True  # PEFT rescales alpha of layers whose rank rho moved; no effect at rho = 1
+
+    def __post_init__(self):
+        if self.rho < 1.0:
+            raise LoraConfigError(f"eva_config.rho must be >= 1, got {self.rho}")
+        if self.rho > 1.0:
+            raise LoraConfigError(f"eva_config.rho={self.rho} (rank redistribution) is not supported: the layers of a "
+                                  f"scanned stack share one rank; use eva_config.rho=1")
+        if not 0.0 <= self.tau <= 1.0:
+            raise LoraConfigError(f"eva_config.tau must be in [0, 1], got {self.tau}")
+
+
+CORDA_METHODS = ("ipm", "kpm")
+
+
+@dataclasses.dataclass(frozen=True)
+class CordaConfig:
+    """CorDA's options (`jaxlora.lora.inits.corda`), PEFT's CordaConfig names (its cache files are not kept)."""
+
+    corda_method: str = "ipm"  # "ipm": adapters from the largest r components of W C; "kpm": from the smallest r
+
+    def __post_init__(self):
+        if self.corda_method not in CORDA_METHODS:
+            raise LoraConfigError(f"corda_config.corda_method must be one of {CORDA_METHODS}, got "
+                                  f"{self.corda_method!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """LoRA hyperparameters, with PEFT's field names and meanings."""
 
@@ -97,7 +138,10 @@ class LoraConfig:
     lora_dtype: str = "float32"  # dtype of a and b (and so of their optimizer state)
     use_dora: bool = False  # DoRA: a trained magnitude per output channel times the normalized W + s*a@b (PEFT's)
     lora_ga_config: LoraGAConfig | None = None  # LoRA-GA options when init_lora_weights == "lora_ga"; its estimation
-    #                                             options (batches, svd_method, seed) and lora_one_gamma for "lora_one"
+    #                                             options (batches, svd_method, seed) and lora_one_gamma for "lora_one";
+    #                                             the batches (batch_size, num_batches) of "eva" and "corda" too
+    eva_config: EvaConfig | None = None  # EVA's options when init_lora_weights == "eva" (default EvaConfig())
+    corda_config: CordaConfig | None = None  # CorDA's options when init_lora_weights == "corda" (default CordaConfig())
 
     def __post_init__(self):
         if self.r <= 0:
@@ -113,12 +157,17 @@ class LoraConfig:
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise LoraConfigError("target_modules is an empty list")
         init = self.init_lora_weights
-        relative = init in ("lora_ga", "pissa", "olora") or pissa_niter(init) is not None  # frozen a0/b0 offsets
+        relative = init in RELATIVE_INITS or pissa_niter(init) is not None  # frozen a0/b0 offsets
         if self.use_dora and relative:
             raise LoraConfigError(f"use_dora with init_lora_weights={self.init_lora_weights!r} is not supported (an "
-                                  f"init relative to the base); use DoRA with True, False, 'gaussian' or 'lora_one'")
+                                  f"init relative to the base); use DoRA with True, False, 'gaussian', 'lora_one' or "
+                                  f"'eva'")
         if self.init_lora_weights in DATA_INITS and self.lora_ga_config is None:
             object.__setattr__(self, "lora_ga_config", LoraGAConfig())
+        if init == "eva" and self.eva_config is None:
+            object.__setattr__(self, "eva_config", EvaConfig())
+        if init == "corda" and self.corda_config is None:
+            object.__setattr__(self, "corda_config", CordaConfig())
 
     def scale(self, r: int, alpha: float) -> float:
         return alpha / (r ** 0.5) if self.use_rslora else alpha / r

@@ -60,10 +60,10 @@ def init_lora(model, lora_config: LoraConfig, rng: jax.Array) -> dict:
     if lora_config.init_lora_weights == "lora_ga":
         raise LoraConfigError("init_lora_weights='lora_ga' needs gradients: call jaxlora.lora_ga_init(model, "
                               "lora_config, batches) instead of init_lora")
-    if lora_config.init_lora_weights not in (True, False, "gaussian"):  # PiSSA, OLoRA, LoRA-One
+    if lora_config.init_lora_weights not in (True, False, "gaussian"):  # PiSSA, OLoRA, LoRA-One, EVA, CorDA
         raise LoraConfigError(f"init_lora_weights={lora_config.init_lora_weights!r} is computed from the weights or "
-                              f"the data: call jaxlora.lora.inits.weight_init(model, lora_config) (PiSSA, OLoRA) or "
-                              f"lora_one_init(model, lora_config, batches) instead of init_lora")
+                              f"the data: call jaxlora.lora.inits.initial_tree(model, lora_config, batches=...) "
+                              f"instead of init_lora (batches for LoRA-One, EVA and CorDA)")
     targets = model.lora_targets(lora_config)
     key = (tuple(targets), lora_config.init_lora_weights, lora_config.lora_dtype, lora_config.lora_dropout)
     cache = model.__dict__.setdefault("_lora_init_fns", {})  # one compiled init per LoRA layout and model

@@ -1,8 +1,9 @@
 """What every model family is built from: the LoRA-aware dense layer, the scanned layer stack, the module field
 sets, the norms, activations and config helpers more than one family uses, and `Family`, a family's registry record.
 
-Families import from here (and from jaxlora.losses / sharding / lora.weights / io.hf_checkpoint), never from each
-other, so a family file can be read, added or removed on its own; `jaxlora.models.registry` lists the records.
+Families import from here (the rotary decoder-only LMs also from `jaxlora.models.decoder`, built on this module; and
+from jaxlora.losses / sharding / lora.weights / io.hf_checkpoint), never from each other, so a family file can be
+read, added or removed on its own; `jaxlora.models.registry` lists the records.
 
 Conventions shared by every family: parameters mirror Hugging Face module names with the layer index folded into a
 leading stacked axis (`scanned_layers`, logical axis "layers"), every parameter carries logical axis names
@@ -15,14 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxlora import sharding
 from jaxlora.io.hf_checkpoint import NameTable
@@ -268,8 +267,11 @@ def scanned_layers(layer_cls, remat: str, length: int, in_axes: tuple):
     after the carry (0: sliced per layer, nn.broadcast: shared)."""
     if remat != "none":
         layer_cls = nn.remat(layer_cls, policy=_remat_policy(remat), prevent_cse=False)
-    return nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                   in_axes=in_axes, length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+    # "intermediates": what a layer sows is stacked per layer too (EVA/CorDA's activation statistics,
+    # `jaxlora.lora.inits.activations`); nothing sows unless that collection is mutable, so training is unchanged
+    return nn.scan(layer_cls, variable_axes={"params": 0, "intermediates": 0},
+                   split_rngs={"params": True, "dropout": True}, in_axes=in_axes, length=length,
+                   metadata_params={nn.PARTITION_NAME: "layers"})
 
 
 class LayerStack(nn.Module):
@@ -311,138 +313,3 @@ def causal_padding_mask(attention_mask_BxT: jax.Array, sliding_window: int | Non
     segment_BxT = attention_mask_BxT.astype(jnp.int32)
     query, key = segment_BxT[:, None, :, None], segment_BxT[:, None, None, :]
     return allowed_TxT[None, None] & (key != 0) & ((query == key) | (query == 0))
-
-
-# ---------------------------------------------------------------------------------- rotary attention and KV cache
-# The Llama-style parts (Llama/Mistral/Qwen2, Qwen3): rotary embeddings, GQA attention with an optional per-head q/k
-# RMSNorm, the gated SiLU MLP, and the KV cache used for generation. Configs provide head_dim, rope_theta,
-# rope_scaling (sorted (key, value) pairs), num_attention_heads, num_key_value_heads, hidden_size, qkv_bias, o_bias,
-# rms_norm_eps, intermediate_size and num_hidden_layers.
-
-ROPE_TYPES = ("default", "linear", "llama3")
-
-
-def rope_from_hf(hf: dict, where: str) -> tuple[float, tuple[tuple[str, Any], ...]]:
-    """(rope_theta, sorted rope scaling pairs) from config.json's rope_parameters / rope_scaling; a rope type not in
-    ROPE_TYPES is a ValueError naming the field."""
-    field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
-    rope = dict(hf.get(field) or {})
-    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise ValueError(f"{where}: {field} rope type {rope_type!r} is not supported; supported: {ROPE_TYPES}")
-    rope = {} if rope_type == "default" else {**rope, "rope_type": rope_type}
-    return float(theta), tuple(sorted(rope.items()))
-
-
-def rope_inv_freq(cfg) -> np.ndarray:
-    """Rotary inverse frequencies, with HF's 'linear' and 'llama3' scalings (float64, then float32 like HF)."""
-    dim = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
-    scaling = dict(cfg.rope_scaling)
-    kind = scaling.get("rope_type", "default")
-    if kind == "linear":
-        inv = inv / scaling["factor"]
-    elif kind == "llama3":
-        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
-        low_wavelen, high_wavelen = old_len / low, old_len / high
-        wavelen = 2 * math.pi / inv
-        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        inv = np.where(is_medium, smoothed, scaled)
-    return inv.astype(np.float32)
-
-
-def rope_cos_sin(positions_BxT: jax.Array, cfg) -> tuple[jax.Array, jax.Array]:
-    freqs_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(cfg))[None, None, :]
-    emb_BxTxH = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)
-    return jnp.cos(emb_BxTxH), jnp.sin(emb_BxTxH)
-
-
-def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array) -> jax.Array:
-    """HF's rotate-half layout: no q/k permutation is needed for HF checkpoints."""
-    half = x_BxTxNxH.shape[-1] // 2
-    rotated = jnp.concatenate([-x_BxTxNxH[..., half:], x_BxTxNxH[..., :half]], axis=-1)
-    cos, sin = cos_BxTxH[:, :, None, :], sin_BxTxH[:, :, None, :]
-    return (x_BxTxNxH * cos + rotated * sin).astype(x_BxTxNxH.dtype)
-
-
-class RopeAttention(LayerPart):
-    """GQA self-attention with rotary positions (HF names q_proj, k_proj, v_proj, o_proj); `qk_norm`: an RMSNorm over
-    head_dim on each query and key head (q_norm, k_norm), after the projection and before the rotation (Qwen3).
-    With a `cache`, returns (output, updated cache)."""
-
-    qk_norm: bool = False
-
-    @nn.compact
-    def __call__(self, x_BxTxD, cos, sin, mask_Bx1xTxT, lora, cache=None, cache_index=None):
-        c, lora = self.cfg, lora or {}
-        n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        b, t, _ = x_BxTxD.shape
-
-        def proj(features, axes, bias, name, x):
-            layer = LoraDense(features, axes, bias, self.dtype, self.param_dtype, self.deterministic, name=name)
-            return layer(x, lora.get(name))
-
-        q = proj(n * h, ("embed", "heads"), c.qkv_bias, "q_proj", x_BxTxD).reshape(b, t, n, h)
-        kk = proj(k * h, ("embed", "kv_heads"), c.qkv_bias, "k_proj", x_BxTxD).reshape(b, t, k, h)
-        v = proj(k * h, ("embed", "kv_heads"), c.qkv_bias, "v_proj", x_BxTxD).reshape(b, t, k, h)
-        if self.qk_norm:
-            q = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="q_norm")(q)
-            kk = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="k_norm")(kk)
-        q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
-        if cache is None:
-            out = jax.nn.dot_product_attention(q, kk, v, mask=mask_Bx1xTxT, implementation=self.attention_impl)
-        else:  # decoding: write this step's keys/values at slot cache_index, attend over every slot (masked)
-            kk, v = cache_write(cache, kk, v, cache_index)
-            cache = {"k": kk, "v": v}
-            out = jax.nn.dot_product_attention(q, kk, v, mask=mask_Bx1xTxT, implementation="xla")
-        out = proj(c.hidden_size, ("heads", "embed"), c.o_bias, "o_proj", out.reshape(b, t, n * h))
-        return out if cache is None else (out, cache)
-
-
-class GatedMLP(LayerPart):
-    """down(silu(gate(x)) * up(x)), HF names gate_proj, up_proj, down_proj (Llama's MLP)."""
-
-    use_bias: bool = False
-
-    @nn.compact
-    def __call__(self, x_BxTxD, lora):
-        c, lora = self.cfg, lora or {}
-        dense = lambda f, axes, name, x: LoraDense(f, axes, self.use_bias, self.dtype, self.param_dtype,
-                                                   self.deterministic, name=name)(x, lora.get(name))
-        gate = dense(c.intermediate_size, ("embed", "mlp"), "gate_proj", x_BxTxD)
-        up = dense(c.intermediate_size, ("embed", "mlp"), "up_proj", x_BxTxD)
-        return dense(c.hidden_size, ("mlp", "embed"), "down_proj", nn.silu(gate) * up)
-
-
-def cached_causal_mask(cache_mask_BxS: jax.Array, t: int, cache_index, sliding_window: int | None) -> jax.Array:
-    """(B, 1, T, S) boolean for T new tokens at cache slots cache_index..cache_index+T-1: each sees the filled,
-    non-padding slots up to its own (and within the window). Slots are contiguous per row, so slot distance is
-    position distance for every real token."""
-    s = cache_mask_BxS.shape[1]
-    i, j = cache_index + jnp.arange(t)[:, None], jnp.arange(s)[None, :]
-    allowed_TxS = j <= i
-    if sliding_window is not None:
-        allowed_TxS &= (i - j) < sliding_window
-    return allowed_TxS[None, None] & cache_mask_BxS.astype(bool)[:, None, None, :]
-
-
-def cache_write(cache, k_BxTxKxH, v_BxTxKxH, cache_index):
-    """The layer's cache (B, S, K, H) with T new keys/values written from slot cache_index."""
-    start = (0, cache_index, 0, 0)
-    k = jax.lax.dynamic_update_slice(cache["k"], k_BxTxKxH.astype(cache["k"].dtype), start)
-    v = jax.lax.dynamic_update_slice(cache["v"], v_BxTxKxH.astype(cache["v"].dtype), start)
-    return k, v
-
-
-def init_kv_cache(cfg, batch: int, length: int, dtype) -> dict:
-    """Zeroed KV cache {"k", "v"}: (layers, B, S, kv_heads, head_dim) each (logical axes `KV_CACHE_AXES`)."""
-    shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-
-
-KV_CACHE_AXES = ("layers", "batch", "seq", "kv_heads", None)

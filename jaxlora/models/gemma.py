@@ -25,7 +25,7 @@ Parameters mirror HF module names with the layer index folded into a leading sta
     HF:   model.layers.7.pre_feedforward_layernorm.weight  (hidden,)
     ours: params["model"]["layers"]["pre_feedforward_layernorm"]["scale"][7]
 
-Generation uses common.py's KV cache (every layer caches every slot; a sliding layer masks slots outside its window).
+Generation uses decoder.py's KV cache (every layer caches every slot; a sliding layer masks slots outside its window).
 
 Not implemented, and refused with a ValueError naming the field: use_bidirectional_attention, attention_dropout > 0,
 layer types other than sliding/full attention, rope types other than default/linear/llama3, hidden activations
@@ -43,10 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import sharding
-from jaxlora.io.hf_checkpoint import NameRule, NameTable
-from jaxlora.models.common import (ACTIVATIONS, KV_CACHE_AXES, Family, LayerPart, LayerStack, LoraDense, ModelRoot,
-                                   apply_rope, cache_write, cached_causal_mask, causal_padding_mask, init_kv_cache,
-                                   rope_cos_sin, rope_from_hf, scanned_layers, supported_architecture)
+from jaxlora.models.common import ACTIVATIONS, LayerPart, LoraDense, supported_architecture
+from jaxlora.models.decoder import (PROJ_BIAS_RULE, PROJ_KERNEL_RULE, QK_NORM_RULE, CausalLM, Decoder, DecoderDims,
+                                    apply_rope, decoder_family, decoder_fields, decoder_mask, decoder_names,
+                                    rope_cos_sin, rope_from_hf, with_cache)
 
 ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 ARCHITECTURE_OF_MODEL_TYPE = {"gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
@@ -61,16 +61,9 @@ _DEFAULTS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class GemmaConfig:
+class GemmaConfig(DecoderDims):
     """Architecture hyperparameters of a Gemma 2 or Gemma 3 text model, read from config.json (`from_hf_dict`)."""
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
     layer_types: tuple[str, ...]  # per layer: "sliding_attention" or "full_attention"
     sliding_window: int | None = 4096
     rms_norm_eps: float = 1e-6
@@ -116,19 +109,17 @@ class GemmaConfig:
         else:
             theta, scaling = rope_from_hf({**hf, "rope_theta": field("rope_theta")}, where)
             local_theta, local_scaling = theta, scaling
-        heads = hf["num_attention_heads"]
+        dims = decoder_fields(hf, rms_norm_eps=1e-6, max_position_embeddings=field("max_position_embeddings"),
+                              tie_word_embeddings=True)
+        dims.update(num_key_value_heads=hf.get("num_key_value_heads", 4),  # Gemma's defaults, not HF's fallbacks
+                    head_dim=hf.get("head_dim", 256) or hf["hidden_size"] // hf["num_attention_heads"])
         return cls(
-            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads", 4),
-            head_dim=hf.get("head_dim", 256) or hf["hidden_size"] // heads, layer_types=layer_types,
-            sliding_window=window, rms_norm_eps=hf.get("rms_norm_eps", 1e-6), hidden_activation=act,
+            **dims, layer_types=layer_types, sliding_window=window, hidden_activation=act,
             query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
             attn_logit_softcapping=None if gemma3 else field("attn_logit_softcapping"),
             final_logit_softcapping=field("final_logit_softcapping"), rope_theta=theta, rope_scaling=scaling,
             rope_local_theta=local_theta, rope_local_scaling=local_scaling, qk_norm=gemma3,
-            attention_bias=bool(hf.get("attention_bias", False)),
-            max_position_embeddings=field("max_position_embeddings"),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)), architecture=arch,
+            attention_bias=bool(hf.get("attention_bias", False)), architecture=arch,
             model_type=hf.get("model_type") or ("gemma3_text" if gemma3 else "gemma2"))
 
     @property
@@ -142,7 +133,7 @@ class GemmaConfig:
         return self.num_hidden_layers * per_layer + self.vocab_size * d + d + head
 
     def rope(self, layer_type: str) -> GemmaConfig:
-        """This config with the rotary base and scaling of `layer_type` as rope_theta / rope_scaling (common's rope
+        """This config with the rotary base and scaling of `layer_type` as rope_theta / rope_scaling (decoder's rope
         reads those)."""
         if layer_type == "full_attention":
             return self
@@ -226,10 +217,7 @@ class GemmaAttention(LayerPart):
             q = GemmaRMSNorm(c.rms_norm_eps, self.param_dtype, name="q_norm")(q)
             kk = GemmaRMSNorm(c.rms_norm_eps, self.param_dtype, name="k_norm")(kk)
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
-        impl = self.attention_impl
-        if cache is not None:  # decoding: write this step's keys/values at slot cache_index, attend over all slots
-            kk, v = cache_write(cache, kk, v, cache_index)
-            cache, impl = {"k": kk, "v": v}, "xla"
+        kk, v, cache, impl = with_cache(cache, kk, v, cache_index, self.attention_impl)
         scale = c.query_pre_attn_scalar ** -0.5
         if c.attn_logit_softcapping is not None:
             out = softcapped_attention(q, kk, v, mask, scale, c.attn_logit_softcapping)
@@ -272,82 +260,46 @@ class DecoderLayer(LayerPart):
         h = x_BxTxD + norm("post_attention_layernorm")(attn_out)
         mlp = GegluMLP(c, self.dtype, self.param_dtype, self.deterministic, name="mlp")
         mlp_out = mlp(norm("pre_feedforward_layernorm")(h), lora.get("mlp"))
-        return h + norm("post_feedforward_layernorm")(mlp_out), cache
+        return h + norm("post_feedforward_layernorm")(mlp_out), (cache, None)
 
 
-class GemmaModel(LayerStack):
-    """Scaled embeddings, the scanned decoder `layers` and the final norm: (hidden states, embedding, KV cache)."""
+class GemmaModel(Decoder):
+    """Scaled embeddings, the scanned decoder `layers` and the final norm (`decoder.Decoder`). Every layer gets both
+    layer types' rotary tables and masks, stacked, and its own type as a scanned int to pick them with."""
 
-    @nn.compact
-    def __call__(self, input_ids_BxT, attention_mask_BxT, positions_BxT, lora, cache=None, cache_index=None):
-        c, lora = self.cfg, lora or {}
-        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                                     ("vocab", "embed")),
-                         name="embed_tokens")
+    layer_cls = DecoderLayer
+
+    def scale_embeddings(self, x_BxTxD):
         # HF multiplies by sqrt(hidden) cast to the embedding (parameter) dtype
-        normalizer = jnp.asarray(np.float32(c.hidden_size ** 0.5), self.param_dtype).astype(self.dtype)
-        x = embed(input_ids_BxT) * normalizer
-        ropes = [rope_cos_sin(positions_BxT, c.rope(kind)) for kind in LAYER_TYPES]
-        cos, sin = jnp.stack([r[0] for r in ropes]), jnp.stack([r[1] for r in ropes])
-        windows = (None, c.sliding_window)
-        if cache is None:
-            mask = jnp.stack([causal_padding_mask(attention_mask_BxT, w) for w in windows])
-        else:  # attention_mask covers the cache slots (B, S); the T new tokens sit at slots cache_index..
-            t = input_ids_BxT.shape[1]
-            mask = jnp.stack([cached_causal_mask(attention_mask_BxT, t, cache_index, w) for w in windows])
-        types = jnp.asarray([LAYER_TYPES.index(kind) for kind in c.layer_types], jnp.int32)
-        layers = scanned_layers(DecoderLayer, self.remat, c.num_hidden_layers,
-                                (0, 0, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast))
-        x, cache = layers(c, self.dtype, self.param_dtype, self.deterministic, self.attention_impl,
-                          name="layers")(x, lora.get("layers"), types, cos, sin, mask, cache, cache_index)
-        return GemmaRMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(x), embed, cache
+        normalizer = jnp.asarray(np.float32(self.cfg.hidden_size ** 0.5), self.param_dtype).astype(self.dtype)
+        return x_BxTxD * normalizer
+
+    def rotary(self, positions_BxT):
+        ropes = [rope_cos_sin(positions_BxT, self.cfg.rope(kind)) for kind in LAYER_TYPES]
+        return jnp.stack([r[0] for r in ropes]), jnp.stack([r[1] for r in ropes])
+
+    def attention_mask(self, attention_mask_BxT, t, cache_index, cached):
+        windows = (None, self.cfg.sliding_window)  # in LAYER_TYPES order
+        return jnp.stack([decoder_mask(attention_mask_BxT, t, cache_index, cached, w) for w in windows])
+
+    def per_layer_inputs(self):
+        return (jnp.asarray([LAYER_TYPES.index(kind) for kind in self.cfg.layer_types], jnp.int32),)
+
+    def final_norm(self):
+        return GemmaRMSNorm(self.cfg.rms_norm_eps, self.param_dtype, name="norm")
 
 
-class GemmaForCausalLM(ModelRoot):
-    """Causal LM head over `GemmaModel` (tied or `lm_head`), with final logit soft-capping when configured; returns
-    logits (B, T, vocab) in the compute dtype."""
+class GemmaForCausalLM(CausalLM):
+    """Causal LM head over `GemmaModel` (`decoder.CausalLM`: tied or `lm_head`, with final logit soft-capping when
+    configured); returns logits (B, T, vocab) in the compute dtype."""
 
-    @nn.compact
-    def __call__(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None, lora=None,
-                 deterministic: bool = True, cache=None, cache_index=None, hidden_only: bool = False):
-        """Logits (B, T, vocab); with a KV `cache` (`common.init_kv_cache`), (logits, updated cache). Decoding as
-        in llama.py: `attention_mask_BxT` is then (B, S) over all cache slots and `positions_BxT` must be given."""
-        c, lora = self.cfg, lora or {}
-        if attention_mask_BxT is None:
-            attention_mask_BxT = jnp.ones(input_ids_BxT.shape, jnp.int32)
-        if positions_BxT is None:  # like HF: positions are 0..T-1 whatever the padding
-            positions_BxT = jnp.broadcast_to(jnp.arange(input_ids_BxT.shape[1]), input_ids_BxT.shape)
-        model = GemmaModel(c, self.dtype, self.param_dtype, self.remat, deterministic, self.attention_impl,
-                           name="model")
-        x_BxTxD, embed, cache = model(input_ids_BxT, attention_mask_BxT, positions_BxT, lora.get("model"),
-                                      cache, cache_index)
-        if hidden_only:  # the final hidden states: `Model.loss_sums` applies the head in chunks
-            return x_BxTxD
-        if c.tie_word_embeddings:
-            logits = embed.attend(x_BxTxD)
-        else:
-            logits = LoraDense(c.vocab_size, ("embed", "vocab"), False, self.dtype, self.param_dtype,
-                               deterministic, name="lm_head")(x_BxTxD, lora.get("lm_head"))
-        if c.final_logit_softcapping is not None:
-            cap = c.final_logit_softcapping
-            logits = jnp.tanh(logits / cap) * cap
-        return logits if cache is None else (logits, cache)
+    decoder_cls = GemmaModel
 
 
-GEMMA_NAMES = NameTable(rules=(
-    NameRule(r"model/embed_tokens/embedding", "model.embed_tokens.weight"),
-    NameRule(r"model/layers/(self_attn|mlp)/(\w+_proj)/kernel", "model.layers.{layer}.{0}.{1}.weight",
-             transpose=True),
-    NameRule(r"model/layers/self_attn/(\w+_proj)/bias", "model.layers.{layer}.self_attn.{0}.bias"),
-    NameRule(r"model/layers/self_attn/(q_norm|k_norm)/scale", "model.layers.{layer}.self_attn.{0}.weight"),
-    NameRule(r"model/layers/(\w+)/scale", "model.layers.{layer}.{0}.weight"),
-    NameRule(r"model/norm/scale", "model.norm.weight"),
-    NameRule(r"lm_head/kernel", "lm_head.weight", transpose=True),
-), ignore=(r".*rotary_emb\..*inv_freq", r".*embed_scale"), base_prefix="model.")
+GEMMA_NAMES = decoder_names(PROJ_KERNEL_RULE, PROJ_BIAS_RULE, QK_NORM_RULE,
+                            ignore=(r".*rotary_emb\..*inv_freq", r".*embed_scale"))
 
-FAMILY = Family(
+FAMILY = decoder_family(
     name="gemma", config_cls=GemmaConfig, module_cls=GemmaForCausalLM, names=GEMMA_NAMES,
     architectures=ARCHITECTURES, model_types=tuple(ARCHITECTURE_OF_MODEL_TYPE),
-    default_targets=("q_proj", "v_proj"),  # PEFT's mapping for gemma2 and gemma3_text
-    init_cache=init_kv_cache, cache_axes=KV_CACHE_AXES, embedding_path=("model", "embed_tokens", "embedding"))
+    default_targets=("q_proj", "v_proj"))  # PEFT's mapping for gemma2 and gemma3_text

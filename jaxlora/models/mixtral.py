@@ -1,6 +1,6 @@
 """The Mixtral family in Flax linen (`MixtralForCausalLM`, model_type "mixtral": Mixtral-8x7B, 8x22B).
 
-Mistral attention (common.py's rotary GQA attention, sliding window if the config sets one, KV cache) with the MLP
+Mistral attention (decoder.py's rotary GQA attention, sliding window if the config sets one, KV cache) with the MLP
 replaced by a sparse mixture of experts: a router picks `num_experts_per_tok` of `num_local_experts` SwiGLU experts
 per token. Routing is transformers' MixtralTopKRouter: softmax over all experts in float32, top-k, renormalized
 over the k chosen.
@@ -23,9 +23,20 @@ a (E, in, r), b (E, r, out) (stacked (L, E, ..) in the LoRA tree); PEFT names th
 "model.layers.N.block_sparse_moe.experts.E.w1", the form PEFT converts onto transformers 5's fused experts when it
 loads the adapter. The router is a plain weight, not a LoRA target (in transformers 5 it is no nn.Linear either).
 
-Not implemented, and refused with a ValueError naming the field: the router load-balancing loss
-(output_router_logits=true: set it false to train on the LM loss alone), router_jitter_noise > 0 (training-time
-noise), rope types other than default/linear/llama3, hidden_act other than silu.
+The router load-balancing loss (Switch Transformer's, transformers' `load_balancing_loss_func`) is an option, off by
+default as in transformers: with output_router_logits=true in config.json the layers also return their router logits
+and the training loss becomes CE + router_aux_loss_coef * aux, aux = E * sum_e f_e P_e over the real tokens
+(attention_mask != 0) of every layer (`load_balancing_loss`). `Model.loss_sums` adds coef * aux * count to a
+micro-batch's loss sum (count: its labelled targets), so the micro-batch's mean is exactly transformers' loss on that
+batch. With gradient accumulation the step's objective is the token-weighted mean of the micro-batches' losses:
+CE over all the step's targets + coef * sum_i (n_i / n) aux_i, aux_i computed on micro-batch i alone, as each
+transformers forward computes it on the batch it sees (one aux over the whole accumulated batch would differ: aux is
+not linear in the tokens); a micro-batch without labelled targets adds no aux. Evaluation and LoRA-GA's gradient
+estimation use the same loss, as transformers' forward with labels does. A packed row's segments all count as real
+tokens (transformers would weight them by their segment ids).
+
+Not implemented, and refused with a ValueError naming the field: router_jitter_noise > 0 (training-time noise),
+rope types other than default/linear/llama3, hidden_act other than silu.
 """
 
 from __future__ import annotations
@@ -38,27 +49,21 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora import sharding
-from jaxlora.io.hf_checkpoint import NameRule, NameTable
+from jaxlora.io.hf_checkpoint import NameRule
 from jaxlora.lora.weights import LoraWeights
+from jaxlora.models.common import LayerPart, supported_architecture
+from jaxlora.models.decoder import (CausalLM, Decoder, DecoderDims, PreNormLayer, decoder_family, decoder_fields,
+                                    decoder_names, require_silu, rope_from_hf)
 from jaxlora.quant.qarray import dequantize, is_quantized
-from jaxlora.models.common import (KV_CACHE_AXES, Family, LayerPart, LayerStack, LoraDense, ModelRoot, RMSNorm,
-                                   RopeAttention, cached_causal_mask, causal_padding_mask, init_kv_cache,
-                                   rope_cos_sin, rope_from_hf, scanned_layers, supported_architecture)
 
 ARCHITECTURES = ("MixtralForCausalLM",)
 
 
 @dataclasses.dataclass(frozen=True)
-class MixtralConfig:
-    """Architecture hyperparameters, read from a Hugging Face config.json (see `from_hf_dict`)."""
+class MixtralConfig(DecoderDims):
+    """Architecture hyperparameters, read from a Hugging Face config.json (see `from_hf_dict`); intermediate_size is
+    each expert's."""
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int  # of each expert
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
     num_local_experts: int = 8
     num_experts_per_tok: int = 2
     rms_norm_eps: float = 1e-5
@@ -67,10 +72,12 @@ class MixtralConfig:
     max_position_embeddings: int = 32768
     sliding_window: int | None = None
     tie_word_embeddings: bool = False
+    output_router_logits: bool = False  # train with the router load-balancing loss (`aux_loss_coef`)
+    router_aux_loss_coef: float = 0.001
     architecture: str = "MixtralForCausalLM"
     model_type: str = "mixtral"
 
-    qkv_bias = False  # read by common.RopeAttention
+    qkv_bias = False  # read by decoder.RopeAttention
     o_bias = False
 
     def __post_init__(self):
@@ -81,26 +88,24 @@ class MixtralConfig:
     @classmethod
     def from_hf_dict(cls, hf: dict, where: str = "config.json") -> MixtralConfig:
         arch = supported_architecture(hf, ARCHITECTURES, where, {"mixtral": "MixtralForCausalLM"})
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
-        if hf.get("output_router_logits", False):
-            raise ValueError(f"{where}: output_router_logits=true (the router load-balancing auxiliary loss) is not "
-                             f"implemented; set it to false to train on the language-model loss alone")
+        require_silu(hf, where)
         if hf.get("router_jitter_noise", 0.0):
             raise ValueError(f"{where}: router_jitter_noise={hf['router_jitter_noise']} (multiplicative noise on "
                              f"the router input in training) is not supported; set it to 0")
         theta, rope_scaling = rope_from_hf({**hf, "rope_theta": hf.get("rope_theta", 1e6)}, where)
-        heads = hf["num_attention_heads"]
         return cls(
-            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            **decoder_fields(hf, rms_norm_eps=1e-5, max_position_embeddings=32768),
             num_local_experts=hf.get("num_local_experts", 8), num_experts_per_tok=hf.get("num_experts_per_tok", 2),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-5), rope_theta=theta, rope_scaling=rope_scaling,
-            max_position_embeddings=hf.get("max_position_embeddings", 32768), sliding_window=hf.get("sliding_window"),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), architecture=arch,
-            model_type=hf.get("model_type", "mixtral"))
+            rope_theta=theta, rope_scaling=rope_scaling, sliding_window=hf.get("sliding_window"),
+            output_router_logits=bool(hf.get("output_router_logits", False)),
+            router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+            architecture=arch, model_type=hf.get("model_type", "mixtral"))
+
+    @property
+    def aux_loss_coef(self) -> float:
+        """The weight of the router load-balancing loss in the training loss (`Model.loss_sums`): transformers'
+        router_aux_loss_coef when output_router_logits is set, else 0 (no auxiliary loss)."""
+        return self.router_aux_loss_coef if self.output_router_logits else 0.0
 
     @property
     def num_params(self) -> int:
@@ -110,6 +115,21 @@ class MixtralConfig:
         per_layer = attn + d * e + 3 * e * d * f + 2 * d
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
         return self.num_hidden_layers * per_layer + self.vocab_size * d + d + head
+
+
+def load_balancing_loss(router_logits_LxBxTxE: jax.Array, attention_mask_BxT: jax.Array, k: int) -> jax.Array:
+    """transformers' `load_balancing_loss_func` (Switch Transformer eqs. 4-6) over every layer's router logits: with
+    N the real tokens (attention_mask != 0) of all layers together, f_e = (top-k picks of expert e) / N and
+    P_e = (sum of softmax probabilities of e) / N, the loss is E * sum_e f_e P_e (float32; f_e has no gradient)."""
+    e = router_logits_LxBxTxE.shape[-1]
+    probs = jax.nn.softmax(router_logits_LxBxTxE.astype(jnp.float32), axis=-1)
+    _, idx_LxBxTxK = jax.lax.top_k(probs, k)
+    picks_LxBxTxE = jnp.sum(jax.nn.one_hot(idx_LxBxTxK, e, dtype=jnp.float32), axis=-2)
+    real = (attention_mask_BxT != 0).astype(jnp.float32)[None, :, :, None]
+    n = router_logits_LxBxTxE.shape[0] * jnp.sum(real)
+    tokens_per_expert = jnp.sum(picks_LxBxTxE * real, axis=(0, 1, 2)) / n
+    prob_per_expert = jnp.sum(probs * real, axis=(0, 1, 2)) / n
+    return e * jnp.sum(tokens_per_expert * prob_per_expert)
 
 
 def route(router_logits_BxTxE: jax.Array, k: int) -> jax.Array:
@@ -184,7 +204,7 @@ class Experts(LayerPart):
 
 
 class SparseMoeBlock(LayerPart):
-    """Router `gate` and the `experts` (HF's block_sparse_moe)."""
+    """Router `gate` and the `experts` (HF's block_sparse_moe): (output, router logits (B, T, E))."""
 
     @nn.compact
     def __call__(self, x_BxTxD, lora):
@@ -193,7 +213,7 @@ class SparseMoeBlock(LayerPart):
         logits_BxTxE = jnp.dot(x_BxTxD.astype(self.dtype), gate.astype(self.dtype))
         combine_BxTxE = route(logits_BxTxE, c.num_experts_per_tok)
         experts = Experts(c, self.dtype, self.param_dtype, self.deterministic, name="experts")
-        return experts(x_BxTxD, combine_BxTxE, lora.get("experts"))
+        return experts(x_BxTxD, combine_BxTxE, lora.get("experts")), logits_BxTxE
 
 
 class _Router(nn.Module):
@@ -209,88 +229,43 @@ class _Router(nn.Module):
                           (self.d, self.e), self.param_dtype)
 
 
-class DecoderLayer(LayerPart):
-    """One pre-norm decoder layer; scanned over the stacked layer axis (carry = hidden states)."""
+class DecoderLayer(PreNormLayer):
+    """One pre-norm decoder layer whose MLP is the sparse mixture of experts (HF's block_sparse_moe); its per-layer
+    aux output is the router logits when the config trains with the load-balancing loss."""
 
-    @nn.compact
-    def __call__(self, x_BxTxD, lora, cos, sin, mask, cache=None, cache_index=None):
-        c, lora = self.cfg, lora or {}
-        x_BxTxD = sharding.constrain(x_BxTxD, ("batch", None, None))
-        norm = lambda name: RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name=name)
-        attn = RopeAttention(c, self.dtype, self.param_dtype, self.deterministic, self.attention_impl,
-                             name="self_attn")
-        attn_out = attn(norm("input_layernorm")(x_BxTxD), cos, sin, mask, lora.get("self_attn"), cache, cache_index)
-        if cache is not None:
-            attn_out, cache = attn_out
-        h = x_BxTxD + attn_out
-        moe = SparseMoeBlock(c, self.dtype, self.param_dtype, self.deterministic, name="block_sparse_moe")
-        return h + moe(norm("post_attention_layernorm")(h), lora.get("block_sparse_moe")).astype(h.dtype), cache
+    def feed_forward(self, x_BxTxD, lora):
+        moe = SparseMoeBlock(self.cfg, self.dtype, self.param_dtype, self.deterministic, name="block_sparse_moe")
+        out, router_logits = moe(x_BxTxD, lora.get("block_sparse_moe"))
+        return out, router_logits if self.cfg.output_router_logits else None
 
 
-class MixtralModel(LayerStack):
-    """Embeddings, the scanned decoder `layers` and the final norm: (hidden states, embedding, KV cache)."""
+class MixtralModel(Decoder):
+    """Embeddings, the scanned decoder `layers` and the final norm (`decoder.Decoder`)."""
 
-    @nn.compact
-    def __call__(self, input_ids_BxT, attention_mask_BxT, positions_BxT, lora, cache=None, cache_index=None):
-        c, lora = self.cfg, lora or {}
-        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                                     ("vocab", "embed")),
-                         name="embed_tokens")
-        x = embed(input_ids_BxT)
-        cos, sin = rope_cos_sin(positions_BxT, c)
-        if cache is None:
-            mask = causal_padding_mask(attention_mask_BxT, c.sliding_window)
-        else:  # attention_mask covers the cache slots (B, S); the T new tokens sit at slots cache_index..
-            mask = cached_causal_mask(attention_mask_BxT, input_ids_BxT.shape[1], cache_index, c.sliding_window)
-        layers = scanned_layers(DecoderLayer, self.remat, c.num_hidden_layers,
-                                (0, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast))
-        x, cache = layers(c, self.dtype, self.param_dtype, self.deterministic, self.attention_impl,
-                          name="layers")(x, lora.get("layers"), cos, sin, mask, cache, cache_index)
-        return RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x), embed, cache
+    layer_cls = DecoderLayer
 
 
-class MixtralForCausalLM(ModelRoot):
-    """Causal LM head over `MixtralModel`; returns logits (B, T, vocab) in the compute dtype."""
+class MixtralForCausalLM(CausalLM):
+    """Causal LM head over `MixtralModel` (`decoder.CausalLM`); returns logits (B, T, vocab) in the compute dtype.
+    Its auxiliary loss (`aux_loss=True`, output_router_logits set) is the router load-balancing loss."""
 
-    @nn.compact
-    def __call__(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None, lora=None,
-                 deterministic: bool = True, cache=None, cache_index=None, hidden_only: bool = False):
-        """Logits (B, T, vocab); with a KV `cache` (`common.init_kv_cache`), (logits, updated cache). Decoding as
-        in llama.py: `attention_mask_BxT` is then (B, S) over all cache slots and `positions_BxT` must be given."""
-        lora = lora or {}
-        if attention_mask_BxT is None:
-            attention_mask_BxT = jnp.ones(input_ids_BxT.shape, jnp.int32)
-        if positions_BxT is None:  # like HF: positions are 0..T-1 whatever the padding
-            positions_BxT = jnp.broadcast_to(jnp.arange(input_ids_BxT.shape[1]), input_ids_BxT.shape)
-        model = MixtralModel(self.cfg, self.dtype, self.param_dtype, self.remat, deterministic, self.attention_impl,
-                             name="model")
-        x_BxTxD, embed, cache = model(input_ids_BxT, attention_mask_BxT, positions_BxT, lora.get("model"),
-                                      cache, cache_index)
-        if hidden_only:  # the final hidden states: `Model.loss_sums` applies the head in chunks
-            return x_BxTxD
-        if self.cfg.tie_word_embeddings:
-            logits = embed.attend(x_BxTxD)
-        else:
-            logits = LoraDense(self.cfg.vocab_size, ("embed", "vocab"), False, self.dtype, self.param_dtype,
-                               deterministic, name="lm_head")(x_BxTxD, lora.get("lm_head"))
-        return logits if cache is None else (logits, cache)
+    decoder_cls = MixtralModel
+
+    def auxiliary_loss(self, router_logits_LxBxTxE, attention_mask_BxT):
+        if router_logits_LxBxTxE is None:
+            raise ValueError("the router load-balancing loss needs output_router_logits=true in the config")
+        return load_balancing_loss(router_logits_LxBxTxE, attention_mask_BxT, self.cfg.num_experts_per_tok)
 
 
-MIXTRAL_NAMES = NameTable(rules=(
-    NameRule(r"model/embed_tokens/embedding", "model.embed_tokens.weight"),
+MIXTRAL_NAMES = decoder_names(
     NameRule(r"model/layers/self_attn/(\w+_proj)/kernel", "model.layers.{layer}.self_attn.{0}.weight",
              transpose=True),
     NameRule(r"model/layers/block_sparse_moe/gate/weight", "model.layers.{layer}.block_sparse_moe.gate.weight",
              transpose=True),
     NameRule(r"model/layers/block_sparse_moe/experts/(w1|w2|w3)/kernel",
              "model.layers.{layer}.block_sparse_moe.experts.{expert}.{0}.weight", transpose=True),
-    NameRule(r"model/layers/(\w+)/scale", "model.layers.{layer}.{0}.weight"),
-    NameRule(r"model/norm/scale", "model.norm.weight"),
-    NameRule(r"lm_head/kernel", "lm_head.weight", transpose=True),
-), ignore=(r".*rotary_emb\..*inv_freq",), base_prefix="model.")
+    ignore=(r".*rotary_emb\..*inv_freq",))
 
-FAMILY = Family(
+FAMILY = decoder_family(
     name="mixtral", config_cls=MixtralConfig, module_cls=MixtralForCausalLM, names=MIXTRAL_NAMES,
-    architectures=ARCHITECTURES, model_types=("mixtral",), default_targets=("q_proj", "v_proj"),  # PEFT's default
-    init_cache=init_kv_cache, cache_axes=KV_CACHE_AXES, embedding_path=("model", "embed_tokens", "embedding"))
+    architectures=ARCHITECTURES, model_types=("mixtral",), default_targets=("q_proj", "v_proj"))  # PEFT's default

@@ -135,21 +135,34 @@ class Model:
         the family's `objective(logits, labels, per_row)`: next-token cross entropy where labels are not -100 for a
         causal LM, cross entropy over rows of (B,) class ids for a classifier (BERT). A family whose module takes
         more inputs than input_ids/attention_mask derives them from the batch with its `model_inputs(batch, config)`
-        (T5: decoder inputs = labels shifted right)."""
+        (T5: decoder inputs = labels shifted right).
+
+        A config with a nonzero `aux_loss_coef` (Mixtral's router load balancing) has the module return its auxiliary
+        loss too (`aux_loss=True`), and coef * aux * count is added to the sum: the batch's mean is then
+        CE + coef * aux, as transformers computes it."""
         family = self.family
         inputs = family.model_inputs(batch, self.config) if family.model_inputs is not None else {}
         head = self._chunked_head(params, lora)
         if head is not None:  # the module stops at the hidden states; the head is applied in chunks of tokens
             inputs["hidden_only"] = True
+        coef = getattr(self.config, "aux_loss_coef", 0.0)
+        if coef:
+            inputs["aux_loss"] = True
         out = self.apply(params, batch["input_ids"], batch["attention_mask"], lora=lora,
                          positions=batch.get("positions"),  # packed rows (`data.packing`) restart them
                          deterministic=deterministic, dropout_rng=dropout_rng, **inputs)
+        if coef:
+            out, aux = out
         if head is None:
-            return family.objective(out, batch["labels"], per_row=per_row)
-        weight, vocab_major = head
-        return chunked_next_token_loss_sums(
-            out, weight, batch["labels"], vocab_major=vocab_major, dtype=self.module.dtype, chunk=self.loss_chunk,
-            softcap=getattr(self.config, "final_logit_softcapping", None), per_row=per_row)
+            total, count = family.objective(out, batch["labels"], per_row=per_row)
+        else:
+            weight, vocab_major = head
+            total, count = chunked_next_token_loss_sums(
+                out, weight, batch["labels"], vocab_major=vocab_major, dtype=self.module.dtype, chunk=self.loss_chunk,
+                softcap=getattr(self.config, "final_logit_softcapping", None), per_row=per_row)
+        if coef:
+            total = total + coef * aux * count
+        return total, count
 
     def _chunked_head(self, params, lora):
         """(head weight, vocab_major) when `loss_sums` can apply the head in chunks: `loss_chunk` set, a family
@@ -306,7 +319,7 @@ def from_pretrained(path: str | os.PathLike, dtype="float32", *, param_dtype=Non
         hf_config = _with_num_labels(hf_config, num_labels, folder)
     model = Model._build(hf_config, dtype, param_dtype, mesh, where=str(folder / "config.json"), remat=remat,
                          attention_impl=attention_impl, rules=rules, quantization=quantization,
-                         double_quant=double_quant)
+                         double_quant=double_quant, loss_chunk=loss_chunk)
     model.source = str(folder)
     if model.config.tie_word_embeddings:  # some tied checkpoints still carry a copy of the embedding
         model.names = dataclasses.replace(model.names, ignore=model.names.ignore + (r"lm_head\.weight",))

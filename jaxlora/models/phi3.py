@@ -35,27 +35,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora import sharding
-from jaxlora.io.hf_checkpoint import NameRule, NameTable
-from jaxlora.models.common import (ACTIVATIONS, KV_CACHE_AXES, Family, LayerPart, LayerStack, LoraDense, ModelRoot,
-                                   RMSNorm, apply_rope, cache_write, cached_causal_mask, causal_padding_mask,
-                                   init_kv_cache, scanned_layers, supported_architecture)
+from jaxlora.models.common import ACTIVATIONS, LayerPart, LoraDense, supported_architecture
+from jaxlora.models.decoder import (PROJ_KERNEL_RULE, CausalLM, Decoder, DecoderDims, PreNormLayer, apply_rope,
+                                    decoder_family, decoder_fields, decoder_names, with_cache)
 
 ARCHITECTURES = ("Phi3ForCausalLM",)
 LONGROPE_NAMES = ("longrope", "su", "yarn")  # transformers' Phi3Config maps "su" and "yarn" to "longrope"
 
 
 @dataclasses.dataclass(frozen=True)
-class Phi3Config:
+class Phi3Config(DecoderDims):
     """Architecture hyperparameters, read from a Hugging Face config.json (see `from_hf_dict`)."""
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
     rms_norm_eps: float = 1e-5
     hidden_act: str = "silu"
     rope_theta: float = 10000.0
@@ -77,17 +68,10 @@ class Phi3Config:
         act = hf.get("hidden_act", "silu")
         if act not in ACTIVATIONS:
             raise ValueError(f"{where}: hidden_act {act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
-        heads = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-        max_pos = hf.get("max_position_embeddings", 4096)
-        rope = _rope_from_hf(hf, head_dim, max_pos, where)
-        return cls(
-            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-5), hidden_act=act, max_position_embeddings=max_pos,
-            sliding_window=hf.get("sliding_window"), tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            architecture=arch, model_type=hf.get("model_type", "phi3"), **rope)
+        dims = decoder_fields(hf, rms_norm_eps=1e-5, max_position_embeddings=4096)
+        rope = _rope_from_hf(hf, dims["head_dim"], dims["max_position_embeddings"], where)
+        return cls(**dims, hidden_act=act, sliding_window=hf.get("sliding_window"), architecture=arch,
+                   model_type=hf.get("model_type", "phi3"), **rope)
 
     @property
     def rotary_dim(self) -> int:
@@ -179,10 +163,7 @@ class Phi3Attention(LayerPart):
         kk = qkv[..., n * h:(n + k) * h].reshape(b, t, k, h)
         v = qkv[..., (n + k) * h:].reshape(b, t, k, h)
         q, kk = partial_rope(q, cos, sin), partial_rope(kk, cos, sin)
-        impl = self.attention_impl
-        if cache is not None:  # decoding: write this step's keys/values at slot cache_index, attend over all slots
-            kk, v = cache_write(cache, kk, v, cache_index)
-            cache, impl = {"k": kk, "v": v}, "xla"
+        kk, v, cache, impl = with_cache(cache, kk, v, cache_index, self.attention_impl)
         out = jax.nn.dot_product_attention(q, kk, v, mask=mask, implementation=impl)
         out = proj(c.hidden_size, ("heads", "embed"), "o_proj", out.reshape(b, t, n * h))
         return out if cache is None else (out, cache)
@@ -201,85 +182,36 @@ class Phi3MLP(LayerPart):
         return dense(c.hidden_size, ("mlp", "embed"), "down_proj", up * ACTIVATIONS[c.hidden_act](gate))
 
 
-class DecoderLayer(LayerPart):
-    """One pre-norm decoder layer; scanned over the stacked layer axis (carry = hidden states)."""
+class DecoderLayer(PreNormLayer):
+    """One pre-norm decoder layer of the fused attention and MLP."""
 
-    @nn.compact
-    def __call__(self, x_BxTxD, lora, cos, sin, mask, cache=None, cache_index=None):
-        c, lora = self.cfg, lora or {}
-        x_BxTxD = sharding.constrain(x_BxTxD, ("batch", None, None))
-        norm = lambda name: RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name=name)
-        attn = Phi3Attention(c, self.dtype, self.param_dtype, self.deterministic, self.attention_impl,
+    def attention(self):
+        return Phi3Attention(self.cfg, self.dtype, self.param_dtype, self.deterministic, self.attention_impl,
                              name="self_attn")
-        attn_out = attn(norm("input_layernorm")(x_BxTxD), cos, sin, mask, lora.get("self_attn"), cache, cache_index)
-        if cache is not None:
-            attn_out, cache = attn_out
-        h = x_BxTxD + attn_out
-        mlp = Phi3MLP(c, self.dtype, self.param_dtype, self.deterministic, name="mlp")
-        return h + mlp(norm("post_attention_layernorm")(h), lora.get("mlp")), cache
+
+    def feed_forward(self, x_BxTxD, lora):
+        return Phi3MLP(self.cfg, self.dtype, self.param_dtype, self.deterministic, name="mlp")(x_BxTxD,
+                                                                                             lora.get("mlp")), None
 
 
-class Phi3Model(LayerStack):
-    """Embeddings, the scanned decoder `layers` and the final norm: (hidden states, embedding, KV cache)."""
+class Phi3Model(Decoder):
+    """Embeddings, the scanned decoder `layers` and the final norm (`decoder.Decoder`), with Phi-3's rotary table."""
 
-    @nn.compact
-    def __call__(self, input_ids_BxT, attention_mask_BxT, positions_BxT, lora, cache=None, cache_index=None):
-        c, lora = self.cfg, lora or {}
-        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                                     ("vocab", "embed")),
-                         name="embed_tokens")
-        x = embed(input_ids_BxT)
-        cos, sin = phi3_rope_cos_sin(positions_BxT, c)
-        cos, sin = cos.astype(self.dtype), sin.astype(self.dtype)  # HF casts cos/sin to the activations' dtype
-        if cache is None:
-            mask = causal_padding_mask(attention_mask_BxT, c.sliding_window)
-        else:  # attention_mask covers the cache slots (B, S); the T new tokens sit at slots cache_index..
-            mask = cached_causal_mask(attention_mask_BxT, input_ids_BxT.shape[1], cache_index, c.sliding_window)
-        layers = scanned_layers(DecoderLayer, self.remat, c.num_hidden_layers,
-                                (0, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast))
-        x, cache = layers(c, self.dtype, self.param_dtype, self.deterministic, self.attention_impl,
-                          name="layers")(x, lora.get("layers"), cos, sin, mask, cache, cache_index)
-        return RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x), embed, cache
+    layer_cls = DecoderLayer
+
+    def rotary(self, positions_BxT):
+        cos, sin = phi3_rope_cos_sin(positions_BxT, self.cfg)
+        return cos.astype(self.dtype), sin.astype(self.dtype)  # HF casts cos/sin to the activations' dtype
 
 
-class Phi3ForCausalLM(ModelRoot):
-    """Causal LM head over `Phi3Model`; returns logits (B, T, vocab) in the compute dtype."""
+class Phi3ForCausalLM(CausalLM):
+    """Causal LM head over `Phi3Model` (`decoder.CausalLM`); returns logits (B, T, vocab) in the compute dtype."""
 
-    @nn.compact
-    def __call__(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None, lora=None,
-                 deterministic: bool = True, cache=None, cache_index=None, hidden_only: bool = False):
-        """Logits (B, T, vocab); with a KV `cache` (`common.init_kv_cache`), (logits, updated cache). Decoding as
-        in llama.py: `attention_mask_BxT` is then (B, S) over all cache slots and `positions_BxT` must be given."""
-        lora = lora or {}
-        if attention_mask_BxT is None:
-            attention_mask_BxT = jnp.ones(input_ids_BxT.shape, jnp.int32)
-        if positions_BxT is None:  # like HF: positions are 0..T-1 whatever the padding
-            positions_BxT = jnp.broadcast_to(jnp.arange(input_ids_BxT.shape[1]), input_ids_BxT.shape)
-        model = Phi3Model(self.cfg, self.dtype, self.param_dtype, self.remat, deterministic, self.attention_impl,
-                          name="model")
-        x_BxTxD, embed, cache = model(input_ids_BxT, attention_mask_BxT, positions_BxT, lora.get("model"),
-                                      cache, cache_index)
-        if hidden_only:  # the final hidden states: `Model.loss_sums` applies the head in chunks
-            return x_BxTxD
-        if self.cfg.tie_word_embeddings:
-            logits = embed.attend(x_BxTxD)
-        else:
-            logits = LoraDense(self.cfg.vocab_size, ("embed", "vocab"), False, self.dtype, self.param_dtype,
-                               deterministic, name="lm_head")(x_BxTxD, lora.get("lm_head"))
-        return logits if cache is None else (logits, cache)
+    decoder_cls = Phi3Model
 
 
-PHI3_NAMES = NameTable(rules=(
-    NameRule(r"model/embed_tokens/embedding", "model.embed_tokens.weight"),
-    NameRule(r"model/layers/(self_attn|mlp)/(\w+_proj)/kernel", "model.layers.{layer}.{0}.{1}.weight",
-             transpose=True),
-    NameRule(r"model/layers/(\w+)/scale", "model.layers.{layer}.{0}.weight"),
-    NameRule(r"model/norm/scale", "model.norm.weight"),
-    NameRule(r"lm_head/kernel", "lm_head.weight", transpose=True),
-), ignore=(r".*rotary_emb\..*inv_freq",), base_prefix="model.")
+PHI3_NAMES = decoder_names(PROJ_KERNEL_RULE, ignore=(r".*rotary_emb\..*inv_freq",))
 
-FAMILY = Family(
+FAMILY = decoder_family(
     name="phi3", config_cls=Phi3Config, module_cls=Phi3ForCausalLM, names=PHI3_NAMES, architectures=ARCHITECTURES,
-    model_types=("phi3",), default_targets=(),  # PEFT has no default for phi3: target_modules must be given
-    init_cache=init_kv_cache, cache_axes=KV_CACHE_AXES, embedding_path=("model", "embed_tokens", "embedding"))
+    model_types=("phi3",), default_targets=())  # PEFT has no default for phi3: target_modules must be given

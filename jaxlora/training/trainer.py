@@ -152,13 +152,14 @@ def train(config: RunConfig, resume_step: int | None = None) -> TrainResult:
         checkpointer = stack.enter_context(contextlib.closing(
             ckpt_lib.Checkpointer(out / "checkpoints", keep=tc.keep_checkpoints)))
         resuming = resume_step is not None or (tc.resume and checkpointer.latest_step() is not None)
-        is_ga = config.lora.init_lora_weights in lora_lib.DATA_INITS  # LoRA-GA, LoRA-One: estimation batches
+        is_ga = config.lora.init_lora_weights in lora_lib.DATA_INITS  # LoRA-GA, LoRA-One, EVA, CorDA: batches
         t_init = time.perf_counter()
         training = build_training(
             model, config, total_steps=total_steps, template=resuming, progress=tc.progress_bar,
             lora_ga_batches=lora_ga_batches(config, train_data, tokenizer) if is_ga and not resuming else None)
         if is_ga and not resuming:
-            log.info("%s initialization: %.1fs", {"lora_ga": "LoRA-GA", "lora_one": "LoRA-One"}.get(
+            names = {"lora_ga": "LoRA-GA", "lora_one": "LoRA-One", "eva": "EVA", "corda": "CorDA"}
+            log.info("%s initialization: %.1fs", names.get(
                 config.lora.init_lora_weights, config.lora.init_lora_weights), time.perf_counter() - t_init)
         params, state, train_step, targets = training.params, training.state, training.train_step, training.targets
         evaluator = (Evaluator(model, config, tokenizer, eval_data, training.eval_step) if eval_data is not None
