@@ -235,7 +235,7 @@ def test_bad_input_is_one_clear_error(model):
         LoraConfig(init_lora_weights="pissa_niter_x")
     with pytest.raises(ValueError, match=r"r=20 is larger than a dimension of .*k_proj \(kernel 32x16\)"):
         inits.weight_init(model, LoraConfig(r=20, target_modules=["k_proj"], init_lora_weights="pissa"))
-    with pytest.raises(LoraConfigError, match="call jaxlora.lora.inits.weight_init"):
+    with pytest.raises(LoraConfigError, match="call jaxlora.lora.inits.initial_tree"):
         jaxlora.init_lora(model, _cfg("olora"), jax.random.key(0))
     with pytest.raises(LoraGAError, match="lora_one' needs estimation batches"):
         initial_lora(model, RunConfig(lora=_cfg("lora_one")), jax.random.key(0))
