@@ -166,7 +166,8 @@ class JaxWorker:
         self.batches = [step_lib.place_batch(b, mesh) for b in batches]
         jax.block_until_ready((self.model.params, self.batches))
         self.loaded_mb = (status_kb("VmRSS") or 0) / 1024
-        cfg = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=ALL_LINEAR)
+        cfg = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=ALL_LINEAR,
+                         use_dora=args.use_dora)
         run = RunConfig(lora=cfg, optim=optim.OptimConfig(learning_rate=args.lr, schedule="constant"))
         training = build_training(self.model, run, total_steps=10**6,
                                   rngs=(jax.random.key(args.seed), jax.random.key(args.seed + 1)))
@@ -220,7 +221,8 @@ class PeftWorker:
         self.batches = [{k: torch.from_numpy(v).long().to(self.device) for k, v in b.items()}
                         for b in _load_batches(args.batches_file)]
         self.loaded_mb = (status_kb("VmRSS") or 0) / 1024
-        cfg = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=list(ALL_LINEAR))
+        cfg = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=list(ALL_LINEAR),
+                         use_dora=args.use_dora)
         self.model = get_peft_model(self.model, cfg)
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -304,6 +306,7 @@ class Worker(WorkerProcess):
             env["OMP_WAIT_POLICY"] = "PASSIVE"
         cmd += ["--set", *args.set] if args.set else []
         cmd += ["--attention-impl", args.attention_impl] if args.attention_impl else []
+        cmd += ["--use-dora"] if args.use_dora else []
         super().__init__(name, cmd, env, workdir)
 
 
@@ -375,7 +378,7 @@ def run(args) -> dict:
             "wall_s": time.perf_counter() - t_start, "model": _model_name(args), "data": prep["data"],
             "args": {k: getattr(args, k) for k in ("model", "seq", "batch", "r", "alpha", "lr", "warmup", "steps",
                                                    "blocks", "device", "dtype", "quick", "set",
-                                                   "omp_wait_policy", "attention_impl", "loss_chunk")},
+                                                   "omp_wait_policy", "attention_impl", "loss_chunk", "use_dora")},
             "flops_per_token": fpt, "peak_flops": peak, "peak_flops_samples": peaks,
             "ratio_jaxlora_over_peft": out["jaxlora"]["tokens_per_s"] / out["peft"]["tokens_per_s"], **out}
 
@@ -397,7 +400,7 @@ def table(res: dict) -> str:
     mem = "device peak MB" if gpu else "peak RSS MB | steady RSS MB | loaded RSS MB"
     lines = [
         "# LoRA training throughput: jaxlora vs PEFT", "",
-        f"Model: {res['model']}, {a['dtype']}; LoRA r={a['r']}, alpha {a['alpha']:g}, dropout 0 on "
+        f"Model: {res['model']}, {a['dtype']}; {'DoRA' if a.get('use_dora') else 'LoRA'} r={a['r']}, alpha {a['alpha']:g}, dropout 0 on "
         f"{', '.join(ALL_LINEAR)}; batch {a['batch']} x {a['seq']} tokens; AdamW lr {a['lr']:g}; jaxlora "
         f"model.loss_chunk {a.get('loss_chunk', 0)}; data: {res['data']}.",
         f"Protocol: {a['warmup']} warm-up steps, then {a['steps']} timed steps per framework in {a['blocks']} "
@@ -457,6 +460,7 @@ def parse_args(argv=None):
                    help="passive: OMP_WAIT_POLICY=PASSIVE for the PEFT worker (torch's OpenMP threads sleep instead of "
                         "spinning at barriers; far faster when the cores are shared with other processes)")
     p.add_argument("--quick", action="store_true", help="tiny random Llama, random tokens (smoke test)")
+    p.add_argument("--use-dora", action="store_true", help="DoRA (magnitude + direction) in both frameworks")
     p.add_argument("--loss-chunk", type=int, default=0,
                    help="jaxlora's model.loss_chunk: tokens per chunk of the head in the loss (0: all logits at once)")
     p.add_argument("--real-data", action="store_true",
