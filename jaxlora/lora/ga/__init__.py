@@ -40,9 +40,9 @@ from flax import traverse_util
 from jaxlora import lora as lora_lib
 from jaxlora.lora.config import LoraGAConfig, LoraGAError
 from jaxlora.lora.ga.cache import Cache, weights_fingerprint
-from jaxlora.lora.ga.estimate import (BATCH_KEYS, check_statistic, check_targets, estimate_gradients, kernel_subtree,
-                                      make_estimate_step, make_sketch_step, mean_loss, pack_batches, pack_factor,
-                                      progress_bar, sketch_pass, sketch_shardings)
+from jaxlora.lora.ga.estimate import (BATCH_KEYS, check_statistic, check_targets, estimate_gradients, first_batches,
+                                      kernel_subtree, make_estimate_step, make_sketch_step, mean_loss, pack_batches,
+                                      pack_factor, progress_bar, sketch_pass, sketch_shardings)
 from jaxlora.lora.ga.factorize import factorize_gradient, orth, sketch_rank, streaming_factorize
 from jaxlora.lora.ga.init import build_init, direction_indices, init_factors, lora_ga_template, place
 
@@ -76,9 +76,7 @@ def lora_ga_init(model, lora_config, batches: Iterable[Mapping[str, Any]], *, pa
     params = model.params if params is None else params
     targets = model.lora_targets(lora_config)
     check_targets(model, targets, ga)
-    batches = [dict(b) for _, b in zip(range(ga.num_batches), batches)]
-    if not batches:
-        raise LoraGAError("LoRA-GA: no estimation batches were given")
+    batches = first_batches(batches, ga, "LoRA-GA: no estimation batches were given")
     if len(batches) < ga.num_batches:
         log.warning("LoRA-GA: %d estimation batches were given, fewer than num_batches=%d; estimating the gradient "
                     "on those %d", len(batches), ga.num_batches, len(batches))

@@ -51,6 +51,15 @@ def check_targets(model, targets, ga: LoraGAConfig) -> None:
             raise LoraGAError(f"LoRA-GA needs 2r <= min(in, out); {name} is {d_in}x{d_out} and r={t.rank}")
 
 
+def first_batches(batches, ga: LoraGAConfig, missing: str) -> list[dict]:
+    """The first `ga.num_batches` of `batches` (shallow copies), the estimation batches every data-driven init reads;
+    LoraGAError(`missing`) when there are none."""
+    out = [dict(b) for _, b in zip(range(ga.num_batches), batches or ())]
+    if not out:
+        raise LoraGAError(missing)
+    return out
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def _statistic_flags(value, stacked: bool):
     """(all finite, any nonzero) per layer (stacked) or for the whole array."""

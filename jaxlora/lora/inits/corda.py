@@ -34,6 +34,7 @@ from flax import traverse_util
 
 from jaxlora import lora as lora_lib
 from jaxlora.lora.config import CordaConfig, LoraGAConfig, LoraGAError
+from jaxlora.lora.ga.estimate import first_batches
 from jaxlora.lora.ga.init import place
 from jaxlora.lora.inits.activations import input_statistics, per_layer
 from jaxlora.lora.weights import LoraWeights
@@ -92,10 +93,8 @@ def corda_init(model, lora_config, batches, *, params=None, progress: bool = Fal
     ga = lora_config.lora_ga_config or LoraGAConfig()
     params = model.params if params is None else params
     targets = model.lora_targets(lora_config)  # r <= min(in, out): the targets' own check
-    batches = [dict(b) for _, b in zip(range(ga.num_batches), batches)] if batches is not None else []
-    if not batches:
-        raise LoraGAError("CorDA needs batches (the layer inputs whose covariance it decomposes with); none were "
-                          "given")
+    batches = first_batches(batches, ga, "CorDA needs batches (the layer inputs whose covariance it decomposes with); "
+                                         "none were given")
     t0 = time.perf_counter()
     stats, _, rows = input_statistics(model, params, targets, batches, "row_gram", progress=progress)
     if rows == 0:

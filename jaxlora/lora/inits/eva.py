@@ -36,6 +36,7 @@ from flax import traverse_util
 
 from jaxlora import lora as lora_lib
 from jaxlora.lora.config import EvaConfig, LoraGAConfig, LoraGAError
+from jaxlora.lora.ga.estimate import first_batches
 from jaxlora.lora.inits.activations import input_statistics, per_layer
 from jaxlora.lora.weights import LoraWeights
 
@@ -83,9 +84,8 @@ def eva_init(model, lora_config, batches, *, params=None, progress: bool = False
     ga = lora_config.lora_ga_config or LoraGAConfig()
     params = model.params if params is None else params
     targets = model.lora_targets(lora_config)  # r <= min(in, out): the targets' own check
-    batches = [dict(b) for _, b in zip(range(ga.num_batches), batches)] if batches is not None else []
-    if not batches:
-        raise LoraGAError("EVA needs batches (the layer inputs it takes its components from); none were given")
+    batches = first_batches(batches, ga, "EVA needs batches (the layer inputs it takes its components from); none "
+                                         "were given")
     t0 = time.perf_counter()
     stats, tokens, _ = input_statistics(model, params, targets, batches, "moments", progress=progress,
                                         label_mask_value=eva.label_mask_value if eva.use_label_mask else None)

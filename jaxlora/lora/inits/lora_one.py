@@ -25,7 +25,7 @@ from flax import traverse_util
 
 from jaxlora import lora as lora_lib
 from jaxlora.lora.config import LoraGAConfig, LoraGAError
-from jaxlora.lora.ga.estimate import check_statistic, estimate_gradients
+from jaxlora.lora.ga.estimate import check_statistic, estimate_gradients, first_batches
 from jaxlora.lora.ga.factorize import factorize_gradient, sketch_rank, streaming_factorize
 from jaxlora.lora.weights import LoraWeights
 
@@ -67,9 +67,8 @@ def lora_one_init(model, lora_config, batches, *, params=None, progress: bool = 
     params = model.params if params is None else params
     targets = model.lora_targets(lora_config)
     check_floating_targets(model, targets)  # r <= min(in, out): the targets' own check
-    batches = [dict(b) for _, b in zip(range(ga.num_batches), batches)] if batches is not None else []
-    if not batches:
-        raise LoraGAError("LoRA-One needs estimation batches (the gradient it steps along); none were given")
+    batches = first_batches(batches, ga, "LoRA-One needs estimation batches (the gradient it steps along); none were "
+                                         "given")
     t0 = time.perf_counter()
     names = {t.path: lora_lib.module_names(t.path, model.config.num_hidden_layers, model.names.stack_name)
              for t in targets}
