@@ -31,6 +31,9 @@ class ModelConfig:
     double_quant: bool = False  # nf4: also quantize the block scales (8-bit, blocks of 256), QLoRA's double quant
     loss_chunk: int = 0  # causal LMs: > 0 applies the head to this many tokens at a time (the fused chunked loss), so
     #                      the (batch, seq, vocab) logits never exist at once; 0 computes all logits together
+    logits_at_targets: bool = False  # causal LMs: the head (and the loss) only at the positions that predict a
+    #                                  labelled token (prompt and padding positions skip the vocabulary matmul); the
+    #                                  same loss and gradients
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:

@@ -8,7 +8,8 @@ per-batch means divide once over the whole batch:
     classifier     masked_cross_entropy_sums(logits (B, C), class ids (B,))
 
 `chunked_next_token_loss_sums` is the causal LM loss from the final hidden states and the head's weight, in chunks of
-tokens, so the (B, T, vocab) logits never exist at once (`Model.loss_sums` uses it; `model.loss_chunk`).
+tokens, so the (B, T, vocab) logits never exist at once (`Model.loss_sums` uses it; `model.loss_chunk`);
+`chunked_cross_entropy_sums` the same for hidden states already gathered at their targets (`model.logits_at_targets`).
 """
 
 from __future__ import annotations
@@ -57,8 +58,19 @@ def chunked_next_token_loss_sums(hidden_BxTxD: jax.Array, weight: jax.Array, lab
     128,256-token vocabulary at T 4096: 2 GiB per row in float32). Logits are computed in `dtype`, then float32,
     soft-capped (Gemma's final_logit_softcapping) and reduced as `masked_cross_entropy_sums` does.
     """
-    b, t, d = hidden_BxTxD.shape
     targets = jnp.pad(labels_BxT[:, 1:], ((0, 0), (0, 1)), constant_values=IGNORE_INDEX)
+    return chunked_cross_entropy_sums(hidden_BxTxD, weight, targets, vocab_major=vocab_major, dtype=dtype,
+                                      chunk=chunk, softcap=softcap, per_row=per_row)
+
+
+def chunked_cross_entropy_sums(hidden_BxTxD: jax.Array, weight: jax.Array, targets_BxT: jax.Array, *,
+                               vocab_major: bool, dtype, chunk: int, softcap: float | None = None,
+                               per_row: bool = False) -> tuple[jax.Array, jax.Array]:
+    """`masked_cross_entropy_sums(hidden @ head, targets)` with targets aligned to the hidden states (no shift: the
+    hidden states gathered at the positions that predict them, `Model.loss_sums` with target_positions), in chunks
+    of tokens as `chunked_next_token_loss_sums`."""
+    b, t, d = hidden_BxTxD.shape
+    targets = targets_BxT
     n = -(-t // chunk)
     pad = n * chunk - t
     x_NxBxCxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)

@@ -44,9 +44,11 @@ ROOT = HERE.parent
 VARIANTS = ("jaxlora_packed", "jaxlora_bucketed", "peft_padded", "peft_padding_free", "peft_packed")
 # What was tried on the CPU gap, each on jaxlora_packed's batches: the fused chunked loss (model.loss_chunk 512)
 # instead of the full (B, T, vocab) logits; XLA:CPU's oneDNN dot fusion (an experimental flag: +10-45% on single
-# GEMMs in isolated measurements).
+# GEMMs in isolated measurements); the head only at the positions that predict a labelled token
+# (model.logits_at_targets: the prompt's logits are never computed).
 EXPERIMENTS = {"jaxlora_packed_chunked_loss": dict(loss_chunk=512),
-               "jaxlora_packed_onednn": dict(xla_flags="--xla_cpu_experimental_onednn_fusion_type=dot")}
+               "jaxlora_packed_onednn": dict(xla_flags="--xla_cpu_experimental_onednn_fusion_type=dot"),
+               "jaxlora_packed_targets": dict(logits_at_targets=True)}
 TEMPLATES = {  # dataset -> (source records, prompt template, response template)
     "gsm": ("train", "Question: {input}\nAnswer: ", "{target}"),
     "belle": ("test", "Human: {instruction}\n\nAssistant: ", "{output}"),  # BELLE's field names and template
@@ -164,6 +166,10 @@ class JaxWorker:
                         optim=optim.OptimConfig(learning_rate=args.lr, schedule="constant"))
         training = build_training(model, run, total_steps=10**6)
         self.params, self.state, self.step = training.params, training.state, training.train_step
+        if args.logits_at_targets:  # as a loader with model.logits_at_targets adds them: one K for the whole pass
+            from jaxlora.training.data import IGNORE_INDEX, target_positions
+            most = max(int((b["labels"][:, 1:] != IGNORE_INDEX).sum(axis=1).max()) for b in batches)
+            batches = [dict(b, target_positions=target_positions(b["labels"], most)) for b in batches]
         self.batches = [step_lib.place_batch(b, mesh) for b in batches]
         t0 = time.perf_counter()
         self.compiled = {}
@@ -244,7 +250,8 @@ class Worker(WorkerProcess):
         batches = "jaxlora_packed" if experiment else name
         cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", name, "--batches-file",
                str(workdir / f"{batches}.npz"), "--model-path", model_path, "--lr", str(args.lr),
-               "--loss-chunk", str(experiment.get("loss_chunk", args.loss_chunk))]
+               "--loss-chunk", str(experiment.get("loss_chunk", args.loss_chunk))] + \
+            (["--logits-at-targets"] if experiment.get("logits_at_targets") else [])
         env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                    PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
         env["XLA_FLAGS"] = " ".join([f for f in env.get("XLA_FLAGS", "").split()
@@ -331,6 +338,7 @@ def parse(argv=None):
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--loss-chunk", type=int, default=0, help="jaxlora: model.loss_chunk (0: full logits, the default)")
+    ap.add_argument("--logits-at-targets", action="store_true", help="jaxlora: model.logits_at_targets")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS + tuple(EXPERIMENTS), default=list(VARIANTS),
                     help=f"default: the five; also {', '.join(EXPERIMENTS)} (the CPU-gap experiments)")
     ap.add_argument("--json", help="also write the results here")

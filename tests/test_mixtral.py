@@ -290,3 +290,35 @@ def test_builtin_plan_shapes_have_the_published_param_counts(name, params):
     from jaxlora.plan.shapes import SHAPES
     model = Model._build(SHAPES[name], "bfloat16", "bfloat16", sharding.make_mesh(MeshConfig(fsdp=8, data=1)))
     assert sum(x.size for x in jax.tree.leaves(model.abstract_params)) == model.config.num_params == params
+
+
+def test_plan_estimates_lora_ga_without_the_expert_kernels():
+    """`jaxlora plan` compiles LoRA-GA's estimation over the targets LoRA-GA accepts: with attention and expert targets,
+    its float32 accumulators are exactly the attention kernels' (the experts, which lora_ga_init refuses, are left
+    out); with expert targets only there is nothing to estimate and no LoRA-GA plan."""
+    import math
+    from flax import traverse_util
+    from jaxlora import plan as plan_lib
+    from jaxlora.config import ModelConfig, RunConfig, TrainConfig
+    from jaxlora.training.data import DataConfig
+    hf = dict(TINY, architectures=["MixtralForCausalLM"], model_type="mixtral")
+    tgt = plan_lib.resolve_target("cpu8")
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4), plan_lib.target_devices(tgt))
+
+    def planner(targets):
+        cfg = RunConfig(model=ModelConfig(path="tiny"), lora=LoraConfig(r=4, target_modules=targets),
+                        data=DataConfig(max_length=16), train=TrainConfig(micro_batch_size=8))
+        return plan_lib.Planner(cfg, mesh, None, tgt.hbm_bytes, hf)
+
+    p = planner(EXPERT_TARGETS)
+    flat, flat_sh = (traverse_util.flatten_dict(t) for t in (p.model.dense_abstract_params,
+                                                             p.model.dense_param_shardings))
+    targets = p.model.lora_targets(p.config.lora)
+    attention = [t for t in targets if t.path[-1] in ("q_proj", "v_proj")]
+    assert len(attention) == 2 and len(targets) == 5
+    ga = p.lora_ga_exact()
+    assert ga.fits and ga.parts["accumulators"] == 4 * sum(
+        math.prod(flat_sh[t.path + ("kernel",)].shard_shape(flat[t.path + ("kernel",)].shape)) for t in attention)
+    assert p.lora_ga_streaming().fits
+    experts_only = planner(["w1", "w2", "w3"])
+    assert experts_only.lora_ga_exact() is None and experts_only.lora_ga_streaming() is None

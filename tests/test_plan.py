@@ -152,6 +152,21 @@ def test_qlora_plan_compiles_the_quantized_base():
     assert "base nf4 (double quant)" in report.format()
 
 
+def test_plan_batch_carries_what_the_loader_adds():
+    """A packed run's batches carry positions, model.logits_at_targets' also target positions (planned at their
+    widest): the plan compiles the step with them, each one (rows, T) int32 array more in its arguments."""
+    tgt = plan_lib.resolve_target("cpu8")
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4), plan_lib.target_devices(tgt))
+    plain = tiny_config(micro_batch_size=8)
+    packed = dataclasses.replace(plain, data=dataclasses.replace(plain.data, packing=True))
+    both = dataclasses.replace(packed, model=dataclasses.replace(packed.model, logits_at_targets=True))
+    plans = [plan_lib.Planner(c, mesh, None, tgt.hbm_bytes, TINY).train(1) for c in (plain, packed, both)]
+    per_chip = 8 * 32 * 4 // 8  # one (8, 32) int32 array over the 8 chips
+    assert all(p.fits for p in plans)
+    assert plans[1].memory.argument == plans[0].memory.argument + per_chip
+    assert plans[2].memory.argument == plans[1].memory.argument + per_chip
+
+
 def test_impossible_budget_says_how_far_over():
     r = plan_lib.plan(tiny_config(), "cpu8", hf_config=TINY, hbm_bytes=1024, lora_ga_steps=False)
     assert not r.fits and r.largest is None

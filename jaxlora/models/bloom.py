@@ -32,7 +32,7 @@ import numpy as np
 from jaxlora import sharding
 from jaxlora.io.hf_checkpoint import NameRule, NameTable
 from jaxlora.models.common import (BiasedMLP, Family, LayerPart, LayerStack, LoraDense, ModelRoot, causal_padding_mask,
-                                   hf_field, layer_norm, scanned_layers, supported_architecture)
+                                   hf_field, layer_norm, scanned_layers, select_positions, supported_architecture)
 
 SUPPORTED_ARCHITECTURES = ("BloomForCausalLM",)
 
@@ -190,7 +190,7 @@ class BloomForCausalLM(ModelRoot):
 
     @nn.compact
     def __call__(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None, lora=None,
-                 deterministic: bool = True, hidden_only: bool = False):
+                 deterministic: bool = True, hidden_only: bool = False, select_BxK=None):
         lora = lora or {}
         if attention_mask_BxT is None:
             attention_mask_BxT = jnp.ones(input_ids_BxT.shape, jnp.int32)
@@ -199,6 +199,7 @@ class BloomForCausalLM(ModelRoot):
         model = BloomModel(self.cfg, self.dtype, self.param_dtype, self.remat, deterministic, self.attention_impl,
                            name="transformer")
         x_BxTxD, embed = model(input_ids_BxT, attention_mask_BxT, positions_BxT, lora.get("transformer"))
+        x_BxTxD = select_positions(x_BxTxD, select_BxK)  # the loss's positions only (model.logits_at_targets)
         if hidden_only:  # the final hidden states: `Model.loss_sums` applies the head in chunks
             return x_BxTxD
         if self.cfg.tie_word_embeddings:

@@ -44,7 +44,8 @@ class Family:
     generation); `default_targets` PEFT's target_modules when a LoraConfig gives none; `encoder_decoder` marks a
     seq2seq model (its training data has the seq2seq layout); `embedding_path` the input embedding of a causal LM
     whose module can return its final hidden states (`hidden_only=True`), so that the loss applies the head (that
-    embedding, tied, or `lm_head/kernel`) over chunks of tokens instead of materializing every logit.
+    embedding, tied, or `lm_head/kernel`) over chunks of tokens instead of materializing every logit; such a module
+    also takes `select_BxK`, the positions whose logits are wanted (`select_positions`, `model.logits_at_targets`).
     """
 
     name: str
@@ -60,7 +61,8 @@ class Family:
     cache_axes: tuple[str | None, ...] | None = None
     encoder_decoder: bool = False
     embedding_path: tuple[str, ...] | None = None  # a causal LM whose module takes `hidden_only` (returns the final
-    #   hidden states): where its tied embedding is; its head is then applied in chunks (`Model.loss_sums`)
+    #   hidden states) and `select_BxK`: where its tied embedding is; its head is then applied in chunks
+    #   (`Model.loss_sums`), or only at the selected positions
 
     @property
     def causal_lm(self) -> bool:
@@ -295,6 +297,15 @@ class ModelRoot(nn.Module):
     param_dtype: Any = jnp.float32
     remat: str = "none"
     attention_impl: str | None = None
+
+
+def select_positions(x_BxTxD: jax.Array, select_BxK: jax.Array | None) -> jax.Array:
+    """The final hidden states at the (B, K) positions `select_BxK` (those whose logits the loss needs: the ones that
+    predict a labelled token, `model.logits_at_targets`), so the head computes K logits per row instead of T; all of
+    them when None."""
+    if select_BxK is None:
+        return x_BxTxD
+    return jnp.take_along_axis(x_BxTxD, select_BxK[..., None].astype(jnp.int32), axis=1)
 
 
 def causal_padding_mask(attention_mask_BxT: jax.Array, sliding_window: int | None) -> jax.Array:

@@ -35,7 +35,7 @@ import numpy as np
 from jaxlora import sharding
 from jaxlora.io.hf_checkpoint import NameRule, NameTable
 from jaxlora.models.common import (Family, LayerPart, LayerStack, LoraDense, ModelRoot, RMSNorm, causal_padding_mask,
-                                   scanned_layers)
+                                   scanned_layers, select_positions)
 
 # ---------------------------------------------------------------------------------- rotary attention and KV cache
 # The Llama-style parts: rotary embeddings, GQA attention with an optional per-head q/k RMSNorm, the gated SiLU MLP,
@@ -334,10 +334,11 @@ class CausalLM(ModelRoot):
     @nn.compact
     def __call__(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None, lora=None,
                  deterministic: bool = True, cache=None, cache_index=None, hidden_only: bool = False,
-                 aux_loss: bool = False):
+                 aux_loss: bool = False, select_BxK=None):
         """Logits (B, T, vocab) in the compute dtype; with a KV `cache` (`init_kv_cache`), (logits, updated
         cache); with `hidden_only`, the final hidden states (B, T, D) instead of logits (`Model.loss_sums` then
-        applies the head in chunks); with `aux_loss`, (that output, `auxiliary_loss`).
+        applies the head in chunks); with `select_BxK`, only those positions' (B, K); with `aux_loss`, (that output,
+        `auxiliary_loss`).
 
         Decoding: the T tokens go to cache slots cache_index.., `attention_mask_BxT` is then (B, S) over all slots
         (1 = a real token is or will be there) and `positions_BxT` (B, T) must be given.
@@ -351,6 +352,7 @@ class CausalLM(ModelRoot):
                                  name="model")
         x_BxTxD, embed, cache, layer_aux = model(input_ids_BxT, attention_mask_BxT, positions_BxT, lora.get("model"),
                                                  cache, cache_index)
+        x_BxTxD = select_positions(x_BxTxD, select_BxK)
         if hidden_only:
             out = x_BxTxD
         else:

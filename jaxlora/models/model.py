@@ -28,7 +28,8 @@ from jax.sharding import Mesh, NamedSharding
 from jaxlora import lora as lora_lib, quant as quant_lib, sharding
 from jaxlora.io import hf_checkpoint
 from jaxlora.io.hf_checkpoint import CheckpointError, NameTable
-from jaxlora.losses import chunked_next_token_loss_sums
+from jaxlora.losses import IGNORE_INDEX, chunked_cross_entropy_sums, chunked_next_token_loss_sums, \
+    masked_cross_entropy_sums
 from jaxlora.models.common import Family
 from jaxlora.models.registry import architecture_of, by_architecture, family_for  # noqa: F401 (architecture_of: public)
 
@@ -139,12 +140,21 @@ class Model:
 
         A config with a nonzero `aux_loss_coef` (Mixtral's router load balancing) has the module return its auxiliary
         loss too (`aux_loss=True`), and coef * aux * count is added to the sum: the batch's mean is then
-        CE + coef * aux, as transformers computes it."""
+        CE + coef * aux, as transformers computes it.
+
+        A batch with `target_positions` (B, K) (`model.logits_at_targets`: the positions that predict a labelled
+        token, -1 padded; `jaxlora.training.data.targets`) has a causal LM apply its head at those positions only:
+        the same loss, without the logits of prompt and padding positions."""
         family = self.family
         inputs = family.model_inputs(batch, self.config) if family.model_inputs is not None else {}
         head = self._chunked_head(params, lora)
         if head is not None:  # the module stops at the hidden states; the head is applied in chunks of tokens
             inputs["hidden_only"] = True
+        select = batch.get("target_positions") if family.embedding_path is not None else None
+        if select is not None:  # logits only where a target is predicted; the targets aligned with them
+            inputs["select_BxK"] = jnp.maximum(select, 0)
+            aligned = jnp.where(select >= 0, jnp.take_along_axis(batch["labels"], jnp.maximum(select, 0) + 1, axis=1),
+                                IGNORE_INDEX)
         coef = getattr(self.config, "aux_loss_coef", 0.0)
         if coef:
             inputs["aux_loss"] = True
@@ -153,13 +163,21 @@ class Model:
                          deterministic=deterministic, dropout_rng=dropout_rng, **inputs)
         if coef:
             out, aux = out
-        if head is None:
+        softcap = getattr(self.config, "final_logit_softcapping", None)
+        if head is None and select is None:
             total, count = family.objective(out, batch["labels"], per_row=per_row)
-        else:
+        elif head is None:
+            total, count = masked_cross_entropy_sums(out, aligned, per_row=per_row)
+        elif select is None:
             weight, vocab_major = head
             total, count = chunked_next_token_loss_sums(
                 out, weight, batch["labels"], vocab_major=vocab_major, dtype=self.module.dtype, chunk=self.loss_chunk,
-                softcap=getattr(self.config, "final_logit_softcapping", None), per_row=per_row)
+                softcap=softcap, per_row=per_row)
+        else:
+            weight, vocab_major = head
+            total, count = chunked_cross_entropy_sums(out, weight, aligned, vocab_major=vocab_major,
+                                                      dtype=self.module.dtype, chunk=self.loss_chunk, softcap=softcap,
+                                                      per_row=per_row)
         if coef:
             total = total + coef * aux * count
         return total, count

@@ -127,9 +127,15 @@ def _struct(tree, shardings):
                         shardings, tree, is_leaf=lambda s: s is None)
 
 
-def _batch(rows: int, seq_len: int, shard, groups: int = 1) -> dict:
-    batch = {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=shard)
-             for k in ("input_ids", "attention_mask", "labels")}
+def _batch(rows: int, seq_len: int, shard, groups: int = 1, config: RunConfig | None = None) -> dict:
+    """A batch's shapes; with the run's `config`, the keys its loader adds: packed rows' positions, and target
+    positions (model.logits_at_targets) at their widest (every position: their width depends on the data)."""
+    keys = ["input_ids", "attention_mask", "labels"]
+    if config is not None and config.data.packing:
+        keys.append("positions")
+    if config is not None and config.model.logits_at_targets:
+        keys.append("target_positions")
+    batch = {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=shard) for k in keys}
     if groups > 1:  # LoRA-GA's packed estimation batches (lora_ga.pack_batches)
         batch["group"] = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=shard)
     return batch
@@ -178,7 +184,7 @@ class Planner:
     def _compile_train(self, per_chip: int) -> StepPlan:
         accum = self.config.train.grad_accum_steps
         rows = per_chip * self.divisor * accum
-        batch = _batch(rows, self.seq_len, sharding.batch_sharding(self.mesh))
+        batch = _batch(rows, self.seq_len, sharding.batch_sharding(self.mesh), config=self.config)
 
         def parts(sh):
             params_sh, state_sh, batch_sh = sh
@@ -205,15 +211,23 @@ class Planner:
 
     # ---- LoRA-GA estimation: the steps lora_ga.lora_ga_init runs
     def _ga(self):
-        """The config, targets, global rows and groups of LoRA-GA's packed estimation batches (as lora_ga_init)."""
+        """The config, targets, global rows and groups of LoRA-GA's packed estimation batches (as lora_ga_init). The
+        targets are those LoRA-GA estimates: stacked expert kernels (Mixtral's), which it refuses, are left out."""
         ga = self.config.lora.lora_ga_config or LoraGAConfig()
         groups = lora_ga.pack_factor(ga.batch_size, self.divisor)
-        return ga, self.model.lora_targets(self.config.lora), ga.batch_size * groups, groups
+        targets = self.model.lora_targets(self.config.lora)
+        estimable = [t for t in targets if not lora_ga.is_expert_kernel(self.model, t)]
+        if len(estimable) < len(targets):
+            log.info("  LoRA-GA estimation planned for %d of %d targets (expert kernels left out: LoRA-GA refuses "
+                     "them)", len(estimable), len(targets))
+        return ga, estimable, ga.batch_size * groups, groups
 
-    def lora_ga_exact(self) -> StepPlan:
+    def lora_ga_exact(self) -> StepPlan | None:
         """lora_ga.estimate_gradients' step: float32 gradient accumulators for every targeted kernel (w.r.t. the
-        dequantized kernel on a quantized base: dense shapes and shardings)."""
+        dequantized kernel on a quantized base: dense shapes and shardings); None when no target can be estimated."""
         ga, targets, rows, groups = self._ga()
+        if not targets:
+            return None
         model = self.model
         kernels = lora_ga.kernel_subtree(model.dense_abstract_params, targets)
         acc = _struct(jax.tree.map(lambda k: jax.ShapeDtypeStruct(k.shape, jnp.float32), kernels),
@@ -233,10 +247,12 @@ class Planner:
         log.info("  LoRA-GA exact estimation, batch %d: %s (%.1fs)", rows, fmt_fit(plan), plan.compile_s)
         return plan
 
-    def lora_ga_streaming(self) -> StepPlan:
+    def lora_ga_streaming(self) -> StepPlan | None:
         """lora_ga.streaming_factorize's sketch step (same jit, same shardings): a LoRA backward at the sketch rank
-        q = 2r + oversampling."""
+        q = 2r + oversampling; None when no target can be estimated."""
         ga, targets, rows, groups = self._ga()
+        if not targets:
+            return None
         ga = dataclasses.replace(ga, svd_method="streaming")  # its sketch rank, whatever the config's method
         model = self.model
         flat = traverse_util.flatten_dict(model.abstract_params)

@@ -61,6 +61,9 @@ def resolve_data_layout(config: RunConfig, model: Model) -> RunConfig:
         what = "an encoder-decoder" if want else "a classifier"
         raise TrainingError(f"data.packing packs causal-LM sequences; {config.model.path} is {what} "
                             f"({model.config.architecture}): set data.packing: false")
+    if config.model.logits_at_targets and (not model.family.causal_lm or model.family.embedding_path is None):
+        raise TrainingError(f"model.logits_at_targets selects a causal LM's head positions; {config.model.path} "
+                            f"({model.config.architecture}) has no such head: set model.logits_at_targets: false")
     return dataclasses.replace(config, data=dataclasses.replace(config.data, seq2seq=want))
 
 
@@ -79,17 +82,23 @@ def pad_id(tokenizer) -> int:
 def make_loader(config: RunConfig, data, tokenizer, batch_size: int, shuffle: bool = True,
                 seed: int | None = None, evaluation: bool = False):
     """The run's batches: a `PackedLoader` with data.packing (for `evaluation`, its last batch keeps the rows left
-    over so every held-out example counts), else a bucketed `BatchLoader`."""
+    over so every held-out example counts), else a bucketed `BatchLoader`. With model.logits_at_targets, its batches
+    carry `target_positions` (`jaxlora.training.data.targets`)."""
     pad = pad_id(tokenizer)
     if config.data.packing:
-        return data_lib.PackedLoader(data, batch_size, data_lib.bucket_lengths(config.data), pad,
-                                     seed=config.train.seed if seed is None else seed,
-                                     process_index=jax.process_index(), process_count=jax.process_count(),
-                                     shuffle=shuffle, drop_remainder=not evaluation)
-    targets = data_lib.target_bucket_lengths(config.data) if data.seq2seq else None
-    return data_lib.BatchLoader(data, batch_size, data_lib.bucket_lengths(config.data), pad,
-                                seed=config.train.seed if seed is None else seed, process_index=jax.process_index(),
-                                process_count=jax.process_count(), shuffle=shuffle, label_bucket_lengths=targets)
+        loader = data_lib.PackedLoader(data, batch_size, data_lib.bucket_lengths(config.data), pad,
+                                       seed=config.train.seed if seed is None else seed,
+                                       process_index=jax.process_index(), process_count=jax.process_count(),
+                                       shuffle=shuffle, drop_remainder=not evaluation)
+    else:
+        targets = data_lib.target_bucket_lengths(config.data) if data.seq2seq else None
+        loader = data_lib.BatchLoader(data, batch_size, data_lib.bucket_lengths(config.data), pad,
+                                      seed=config.train.seed if seed is None else seed,
+                                      process_index=jax.process_index(), process_count=jax.process_count(),
+                                      shuffle=shuffle, label_bucket_lengths=targets)
+    if config.model.logits_at_targets and not data.seq2seq:
+        loader.target_most = data_lib.most_targets(data, loader.bins if config.data.packing else None)
+    return loader
 
 
 def report_dropped(part: str, data, max_length: int) -> None:

@@ -35,12 +35,19 @@ log = logging.getLogger(__name__)
 FP16_LOSS_SCALE = 2.0 ** 16  # the fp16 estimate's first loss scale: DeepSpeed's (optim.OptimConfig.loss_scale_init)
 
 
+def is_expert_kernel(model, target) -> bool:
+    """Whether a target is a stack of expert kernels (Mixtral's w1/w2/w3: (layers, experts, in, out)), which LoRA-GA
+    does not estimate."""
+    kernel = traverse_util.flatten_dict(model.abstract_params)[target.path + ("kernel",)]
+    return kernel.ndim > 2 + int(target.stacked)
+
+
 def check_targets(model, targets, ga: LoraGAConfig) -> None:
     flat = traverse_util.flatten_dict(model.abstract_params)
     for t in targets:
         kernel = flat[t.path + ("kernel",)]
         name = lora_lib.module_names(t.path, model.config.num_hidden_layers, model.names.stack_name)[0]
-        if kernel.ndim > 2 + int(t.stacked):  # stacked experts (Mixtral's w1/w2/w3): (layers, experts, in, out)
+        if is_expert_kernel(model, t):
             raise LoraGAError(f"LoRA-GA is not implemented for stacked expert kernels ({name}, shape {kernel.shape});"
                               f" give LoRA-GA the attention projections only, or use a plain LoRA init")
         if not jnp.issubdtype(kernel.dtype, jnp.floating):

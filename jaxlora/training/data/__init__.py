@@ -14,6 +14,7 @@ field, instead of a traceback from deep inside a library.
     tokenized.py  TokenizedData and load_tokenized: the tokenization cache, the eval split, untrainable examples
     loader.py     BatchLoader (deterministic, resumable, bucketed, per-process slices), count_tokens
     packing.py    PackedLoader (data.packing: several examples per row, block-diagonal attention), pack_each_batch
+    targets.py    target_positions: the positions that predict a labelled token (model.logits_at_targets)
 
 Everything other code uses is re-exported here: ``from jaxlora.training import data as data_lib; data_lib.X``.
 """
@@ -23,9 +24,10 @@ from jaxlora.training.data.config import DataConfig, DataError, bucket_lengths, 
 from jaxlora.training.data.loader import BatchLoader, count_tokens
 from jaxlora.training.data.packing import PackedLoader, pack_each_batch
 from jaxlora.training.data.records import load_records
+from jaxlora.training.data.targets import most_targets, target_positions
 from jaxlora.training.data.tokenize import label_word_ids, tokenize_example
 from jaxlora.training.data.tokenized import TokenizedData, load_tokenized
 
 __all__ = ["IGNORE_INDEX", "BatchLoader", "DataConfig", "DataError", "PackedLoader", "TokenizedData",
-           "bucket_lengths", "count_tokens", "label_word_ids", "load_records", "load_tokenized", "pack_each_batch",
-           "target_bucket_lengths", "tokenize_example"]
+           "bucket_lengths", "count_tokens", "label_word_ids", "load_records", "load_tokenized", "most_targets",
+           "pack_each_batch", "target_bucket_lengths", "target_positions", "tokenize_example"]

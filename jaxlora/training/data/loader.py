@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxlora.losses import IGNORE_INDEX
 from jaxlora.training.data.config import DataError
+from jaxlora.training.data.targets import target_positions
 from jaxlora.training.data.tokenized import TokenizedData
 
 
@@ -98,6 +99,8 @@ class BatchLoader:
             raise DataError(f"{data.source or 'data'}: a target of length {longest_target} exceeds "
                             f"the largest target bucket {self.label_bucket_lengths[-1]}")
         self.shuffle = shuffle
+        # model.logits_at_targets: the most labelled tokens a row holds; batches then carry target_positions
+        self.target_most: int | None = None
         self._perm_epoch: int | None = None
         self._perm: np.ndarray | None = None
 
@@ -154,7 +157,10 @@ class BatchLoader:
             out_ids[i, : len(x)] = x
             out_mask[i, : len(x)] = 1
             out_labels[i, : len(y)] = y
-        return {"input_ids": out_ids, "attention_mask": out_mask, "labels": out_labels}
+        out = {"input_ids": out_ids, "attention_mask": out_mask, "labels": out_labels}
+        if self.target_most is not None:  # model.logits_at_targets
+            out["target_positions"] = target_positions(out_labels, self.target_most)
+        return out
 
     def examples_in(self, steps: int) -> int:
         """How many examples the first `steps` batches hold."""

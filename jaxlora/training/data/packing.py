@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxlora.losses import IGNORE_INDEX
 from jaxlora.training.data.config import DataError
+from jaxlora.training.data.targets import target_positions
 from jaxlora.training.data.tokenized import TokenizedData
 
 
@@ -115,6 +116,7 @@ class PackedLoader:
             raise DataError(f"{data.source or 'data'}: {len(data)} examples pack into {len(self.bins)} rows of "
                             f"{self.bucket_lengths[-1]}, fewer than one batch of global_batch_size="
                             f"{global_batch_size}")
+        self.target_most: int | None = None  # model.logits_at_targets: see BatchLoader
         self._perm_epoch: int | None = None
         self._perm: np.ndarray | None = None
 
@@ -140,7 +142,10 @@ class PackedLoader:
         length = _bucket(self._row_lengths[rows], self.bucket_lengths)
         b = self.local_batch_size
         local = rows[self.process_index * b:(self.process_index + 1) * b]
-        return packed_arrays(self.data, [self.bins[r] for r in local], b, length, self.pad_id)
+        out = packed_arrays(self.data, [self.bins[r] for r in local], b, length, self.pad_id)
+        if self.target_most is not None:  # model.logits_at_targets
+            out["target_positions"] = target_positions(out["labels"], self.target_most)
+        return out
 
     def examples_in(self, steps: int) -> int:
         """How many examples the first `steps` batches of epoch 0 hold."""

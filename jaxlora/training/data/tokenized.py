@@ -79,6 +79,11 @@ class TokenizedData:
         """Decoder-target length of every example (seq2seq; == lengths otherwise), cached on first use."""
         return self._int_column("label_length" if self.seq2seq else "length")
 
+    @property
+    def num_trained(self) -> np.ndarray:
+        """Labelled tokens (labels != -100) of every example, cached on first use."""
+        return self._int_column("num_trained")
+
     def _int_column(self, name: str) -> np.ndarray:
         """A per-example int column as an int32 array, read once."""
         cached = self.__dict__.get("_" + name)
@@ -107,13 +112,14 @@ class TokenizedData:
         for i, (x, y) in enumerate(zip(input_ids, labels)):
             if len(x) != len(y) and not seq2seq:
                 raise DataError(f"{source}: example {i}: {len(x)} input_ids but {len(y)} labels")
-        columns = ("input_ids", "labels", "length", "label_length")
+        columns = ("input_ids", "labels", "length", "label_length", "num_trained")
         ds = datasets.Dataset.from_dict(
             {
                 "input_ids": [list(map(int, x)) for x in input_ids],
                 "labels": [list(map(int, y)) for y in labels],
                 "length": [len(x) for x in input_ids],
                 "label_length": [len(y) for y in labels],
+                "num_trained": [sum(1 for v in y if v != IGNORE_INDEX) for y in labels],
             },
             features=datasets.Features({c: _TOKENIZED_FEATURES[c] for c in columns}),
         )
@@ -283,7 +289,7 @@ def _drop_untrainable(tokenized: datasets.Dataset, path: str, record_index: np.n
             dropped += (f"... ({num_dropped - len(first)} more)",)
         tokenized = tokenized.select(keep)
     return TokenizedData(
-        dataset=tokenized.select_columns(["input_ids", "labels", "length", "label_length"]),
+        dataset=tokenized.select_columns(["input_ids", "labels", "length", "label_length", "num_trained"]),
         num_examples=len(tokenized),
         num_truncated=int(truncated.sum()),
         num_truncated_kept=int(truncated[keep].sum()),
