@@ -5,7 +5,7 @@ loss and, on request, greedy accuracy: the real GSM8K test set), under either of
     python scripts/convergence.py --protocol shared  # the LoRA-GA paper's: every method at one rate (2e-5)
     python scripts/convergence.py --protocol tuned   # each method at its best rate on a small grid
     python scripts/convergence.py --methods lora,lora_ga,full --lora-lrs 1e-4,3e-4,1e-3 --no-packing --batch 4 \
-        --steps 40 --grid-steps 12 --acc-examples 32 --out-dir docs/convergence/first_study   # the first study
+        --steps 40 --grid-steps 12 --eval-every 10 --acc-examples 32 --out-dir docs/convergence/first_study
     python scripts/convergence.py --full          # GPU-sized: longer, bigger batches, more evaluation, accuracy
     python scripts/convergence.py --quick         # tiny random Llama, a few steps, every method (smoke test)
 
