@@ -70,11 +70,11 @@ def chunked_cross_entropy_sums(hidden_BxTxD: jax.Array, weight: jax.Array, targe
     hidden states gathered at the positions that predict them, `Model.loss_sums` with target_positions), in chunks
     of tokens as `chunked_next_token_loss_sums`."""
     b, t, d = hidden_BxTxD.shape
-    targets = targets_BxT
     n = -(-t // chunk)
     pad = n * chunk - t
     x_NxBxCxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
-    y_NxBxC = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX).reshape(b, n, chunk).swapaxes(0, 1)
+    y_NxBxC = jnp.pad(targets_BxT, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+    y_NxBxC = y_NxBxC.reshape(b, n, chunk).swapaxes(0, 1)
     sums, counts = _fused_cross_entropy(x_NxBxCxD, weight, y_NxBxC, (vocab_major, jnp.dtype(dtype).name, softcap))
     return (sums, counts) if per_row else (jnp.sum(sums), jnp.sum(counts))
 

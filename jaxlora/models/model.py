@@ -152,9 +152,8 @@ class Model:
             inputs["hidden_only"] = True
         select = batch.get("target_positions") if family.embedding_path is not None else None
         if select is not None:  # logits only where a target is predicted; the targets aligned with them
-            inputs["select_BxK"] = jnp.maximum(select, 0)
-            aligned = jnp.where(select >= 0, jnp.take_along_axis(batch["labels"], jnp.maximum(select, 0) + 1, axis=1),
-                                IGNORE_INDEX)
+            inputs["select_BxK"] = at = jnp.maximum(select, 0)  # -1 padding reads position 0, its target dropped
+            aligned = jnp.where(select >= 0, jnp.take_along_axis(batch["labels"], at + 1, axis=1), IGNORE_INDEX)
         coef = getattr(self.config, "aux_loss_coef", 0.0)
         if coef:
             inputs["aux_loss"] = True

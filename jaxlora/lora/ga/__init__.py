@@ -41,17 +41,18 @@ from jaxlora import lora as lora_lib
 from jaxlora.lora.config import LoraGAConfig, LoraGAError
 from jaxlora.lora.ga.cache import Cache, weights_fingerprint
 from jaxlora.lora.ga.estimate import (BATCH_KEYS, check_statistic, check_targets, estimate_gradients, first_batches,
-                                      is_expert_kernel, kernel_subtree, make_estimate_step, make_sketch_step, mean_loss, pack_batches,
-                                      pack_factor, progress_bar, sketch_pass, sketch_shardings)
+                                      is_expert_kernel, kernel_subtree, make_estimate_step, make_sketch_step,
+                                      mean_loss, pack_batches, pack_factor, progress_bar, sketch_pass,
+                                      sketch_shardings)
 from jaxlora.lora.ga.factorize import factorize_gradient, orth, sketch_rank, streaming_factorize
 from jaxlora.lora.ga.init import build_init, direction_indices, init_factors, lora_ga_template, place
 
 log = logging.getLogger(__name__)
 
 __all__ = ["BATCH_KEYS", "Cache", "build_init", "check_statistic", "check_targets", "direction_indices",
-           "estimate_gradients", "factorize_gradient", "init_factors", "is_expert_kernel", "kernel_subtree", "lora_ga_init",
-           "lora_ga_template", "make_estimate_step", "make_sketch_step", "mean_loss", "orth", "pack_batches",
-           "pack_factor", "place", "progress_bar", "sketch_pass", "sketch_rank", "sketch_shardings",
+           "estimate_gradients", "factorize_gradient", "init_factors", "is_expert_kernel", "kernel_subtree",
+           "lora_ga_init", "lora_ga_template", "make_estimate_step", "make_sketch_step", "mean_loss", "orth",
+           "pack_batches", "pack_factor", "place", "progress_bar", "sketch_pass", "sketch_rank", "sketch_shardings",
            "streaming_factorize", "weights_fingerprint"]
 
 
