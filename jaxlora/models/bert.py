@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxlora.io.hf_checkpoint import NameRule, NameTable
 from jaxlora.losses import IGNORE_INDEX, masked_cross_entropy_sums
+from jaxlora.models.attention import dot_product_attention
 from jaxlora.models.common import (ACTIVATIONS, Family, LayerPart, LayerStack, LoraDense, ModelRoot, hf_field,
                                    layer_norm, scanned_layers, supported_architecture)
 
@@ -137,7 +138,7 @@ class SelfAttention(LayerPart):
         q, k, v = (LoraDense(c.hidden_size, ("embed", "heads"), True, self.dtype, self.param_dtype,
                              self.deterministic, name=name)(x_BxTxD, lora.get(name)).reshape(b, t, n, h)
                    for name in ("query", "key", "value"))
-        out_BxTxNxH = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1x1xT, implementation=self.attention_impl)
+        out_BxTxNxH = dot_product_attention(q, k, v, mask_Bx1x1xT, implementation=self.attention_impl)
         return out_BxTxNxH.reshape(b, t, n * h)
 
 

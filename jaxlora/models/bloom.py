@@ -31,6 +31,7 @@ import numpy as np
 
 from jaxlora import sharding
 from jaxlora.io.hf_checkpoint import NameRule, NameTable
+from jaxlora.models.attention import dot_product_attention
 from jaxlora.models.common import (BiasedMLP, Family, LayerPart, LayerStack, LoraDense, ModelRoot, causal_padding_mask,
                                    hf_field, layer_norm, scanned_layers, select_positions, supported_architecture)
 
@@ -136,8 +137,7 @@ class Attention(LayerPart):
         qkv_BxTxNx3xH = proj(3 * d, ("embed", "heads"), "query_key_value", x_BxTxD).reshape(b, t, n, 3, h)
         q, k, v = (qkv_BxTxNx3xH[:, :, :, i] for i in range(3))
         # HF: alibi + q.k / sqrt(head_dim), then the additive mask; dot_product_attention scales, adds bias, masks.
-        out = jax.nn.dot_product_attention(q, k, v, bias=bias_BxNx1xT, mask=mask_Bx1xTxT,
-                                           implementation=self.attention_impl)
+        out = dot_product_attention(q, k, v, mask_Bx1xTxT, bias=bias_BxNx1xT, implementation=self.attention_impl)
         return proj(d, ("heads", "embed"), "dense", out.reshape(b, t, d))
 
 

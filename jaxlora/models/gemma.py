@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import sharding
+from jaxlora.models.attention import dot_product_attention
 from jaxlora.models.common import ACTIVATIONS, LayerPart, LoraDense, supported_architecture
 from jaxlora.models.decoder import (PROJ_BIAS_RULE, PROJ_KERNEL_RULE, QK_NORM_RULE, CausalLM, Decoder, DecoderDims,
                                     apply_rope, decoder_family, decoder_fields, decoder_mask, decoder_names,
@@ -182,19 +183,6 @@ class GemmaRMSNorm(nn.Module):
         return (normed * (1.0 + w.astype(jnp.float32)).reshape((1,) * (x.ndim - 1) + (-1,))).astype(x.dtype)
 
 
-def softcapped_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale: float, softcap: float):
-    """GQA attention with scores scale * q.k soft-capped to cap * tanh(scores / cap) before the mask (HF's eager
-    Gemma 2 attention; jax.nn.dot_product_attention has no soft-capping). Softmax in float32."""
-    b, t, n, h = q_BxTxNxH.shape
-    kv = k_BxSxKxH.shape[2]
-    q = q_BxTxNxH.reshape(b, t, kv, n // kv, h)  # query head i reads kv head i // (n / kv), as HF's repeat_kv
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH) * jnp.asarray(scale, q.dtype)
-    scores = jnp.tanh(scores / softcap) * softcap
-    scores = jnp.where(mask_Bx1xTxS[:, :, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH).reshape(b, t, n, h)
-
-
 class GemmaAttention(LayerPart):
     """GQA self-attention (q_proj, k_proj, v_proj, o_proj) with rotary positions, Gemma's query_pre_attn_scalar
     scaling, Gemma 2's score soft-capping and Gemma 3's per-head q/k norms. With a `cache`: (output, cache)."""
@@ -219,10 +207,8 @@ class GemmaAttention(LayerPart):
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
         kk, v, cache, impl = with_cache(cache, kk, v, cache_index, self.attention_impl)
         scale = c.query_pre_attn_scalar ** -0.5
-        if c.attn_logit_softcapping is not None:
-            out = softcapped_attention(q, kk, v, mask, scale, c.attn_logit_softcapping)
-        else:
-            out = jax.nn.dot_product_attention(q, kk, v, mask=mask, scale=scale, implementation=impl)
+        out = dot_product_attention(q, kk, v, mask, scale=scale, softcap=c.attn_logit_softcapping,
+                                    implementation=impl)
         out = proj(c.hidden_size, ("heads", "embed"), "o_proj", out.reshape(b, t, n * h))
         return out if cache is None else (out, cache)
 

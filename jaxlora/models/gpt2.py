@@ -17,11 +17,11 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jaxlora import sharding
 from jaxlora.io.hf_checkpoint import NameRule, NameTable
+from jaxlora.models.attention import dot_product_attention
 from jaxlora.models.common import (ACTIVATIONS, BiasedMLP, Family, LayerPart, LayerStack, LoraDense, ModelRoot,
                                    causal_padding_mask, hf_field, layer_norm, scanned_layers, select_positions,
                                    supported_architecture)
@@ -118,8 +118,7 @@ class Attention(LayerPart):
         scale = h ** -0.5 if c.scale_attn_weights else 1.0
         if c.scale_attn_by_inverse_layer_idx:  # the layer index is a scanned value, so it scales q, not `scale`
             q = q / (layer_idx + 1).astype(q.dtype)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxT, scale=scale,
-                                           implementation=self.attention_impl)
+        out = dot_product_attention(q, k, v, mask_Bx1xTxT, scale=scale, implementation=self.attention_impl)
         return proj(d, ("heads", "embed"), "c_proj", out.reshape(b, t, d))
 
 

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora.models.attention import dot_product_attention
 from jaxlora.models.common import ACTIVATIONS, LayerPart, LoraDense, supported_architecture
 from jaxlora.models.decoder import (PROJ_KERNEL_RULE, CausalLM, Decoder, DecoderDims, PreNormLayer, apply_rope,
                                     decoder_family, decoder_fields, decoder_names, with_cache)
@@ -164,7 +165,7 @@ class Phi3Attention(LayerPart):
         v = qkv[..., (n + k) * h:].reshape(b, t, k, h)
         q, kk = partial_rope(q, cos, sin), partial_rope(kk, cos, sin)
         kk, v, cache, impl = with_cache(cache, kk, v, cache_index, self.attention_impl)
-        out = jax.nn.dot_product_attention(q, kk, v, mask=mask, implementation=impl)
+        out = dot_product_attention(q, kk, v, mask, implementation=impl)
         out = proj(c.hidden_size, ("heads", "embed"), "o_proj", out.reshape(b, t, n * h))
         return out if cache is None else (out, cache)
 

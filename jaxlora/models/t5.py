@@ -35,6 +35,7 @@ import numpy as np
 from jaxlora import sharding
 from jaxlora.io.hf_checkpoint import NameRule, NameTable
 from jaxlora.losses import IGNORE_INDEX, masked_cross_entropy_sums
+from jaxlora.models.attention import dot_product_attention
 from jaxlora.models.common import (ACTIVATIONS, Family, LayerPart, LoraDense, ModelRoot, RMSNorm, hf_field,
                                    scanned_layers, supported_architecture)
 
@@ -191,8 +192,7 @@ class T5Attention(LayerPart):
         q = dense(n * h, ("embed", "heads"), "q", x_BxTxD).reshape(b, t, n, h)
         k = dense(n * h, ("embed", "heads"), "k", kv_BxSxD).reshape(b, s, n, h)
         v = dense(n * h, ("embed", "heads"), "v", kv_BxSxD).reshape(b, s, n, h)
-        out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=1.0,
-                                           implementation=self.attention_impl)
+        out = dot_product_attention(q, k, v, mask, bias=bias, scale=1.0, implementation=self.attention_impl)
         return dense(c.d_model, ("heads", "embed"), "o", out.reshape(b, t, n * h))
 
 

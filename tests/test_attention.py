@@ -1,0 +1,144 @@
+"""`jaxlora.models.attention.dot_product_attention` against references: the output against a float64 numpy version of
+HF's eager attention (repeat_kv, scale, bias, soft-capping, mask, softmax), the gradients (its own backward pass, which
+recomputes the probabilities) against autodiff of the straightforward formulation, and what it keeps for the
+backward pass (no (B, N, T, S) array). The families' parity tests cover it inside every model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlora.models.attention import dot_product_attention
+from jaxlora.models.common import causal_padding_mask
+
+B, T, N, KV, H = 2, 24, 6, 2, 8
+ATOL = 1e-5  # float32
+
+
+def _inputs(seed=0, s=T):
+    r = np.random.RandomState(seed)
+    q = r.normal(size=(B, T, N, H)).astype(np.float32)
+    k = r.normal(size=(B, s, KV, H)).astype(np.float32)
+    v = r.normal(size=(B, s, KV, H)).astype(np.float32)
+    d_out = r.normal(size=(B, T, N, H)).astype(np.float32)
+    return q, k, v, d_out
+
+
+def _packed_mask(window=None):
+    """Row 0: two packed examples and right padding; row 1: one full example (segment ids, as the loaders make)."""
+    seg = np.array([[1] * 9 + [2] * 10 + [0] * 5, [1] * T], np.int32)
+    return causal_padding_mask(jnp.asarray(seg), window)
+
+
+def _numpy_attention(q, k, v, mask, bias, scale, softcap):
+    """HF's eager attention in float64: repeat_kv, scale * q.k (+ bias), cap * tanh(./cap), masked, softmax, @ v."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    g = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    s = np.einsum("btnh,bsnh->bnts", q, k) * scale
+    if bias is not None:
+        s = s + np.asarray(bias, np.float64)
+    if softcap is not None:
+        s = np.tanh(s / softcap) * softcap
+    if mask is not None:
+        s = np.where(np.asarray(mask), s, -1e30)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bnts,bsnh->btnh", p, v)
+
+
+def _jnp_attention(q, k, v, mask, bias, scale, softcap):
+    """The same in jnp float32, differentiated by JAX's autodiff (the reference for the gradients)."""
+    g = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    s = jnp.einsum("btnh,bsnh->bnts", q, k) * scale
+    if bias is not None:
+        s = s + bias
+    if softcap is not None:
+        s = jnp.tanh(s / softcap) * softcap
+    if mask is not None:
+        s = jnp.where(mask, s, -0.7 * jnp.finfo(jnp.float32).max)
+    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, axis=-1), v)
+
+
+CASES = {
+    "causal_packed": dict(mask=_packed_mask(), bias=None, scale=H ** -0.5, softcap=None),
+    "sliding_window": dict(mask=_packed_mask(window=4), bias=None, scale=H ** -0.5, softcap=None),
+    "softcap": dict(mask=_packed_mask(), bias=None, scale=0.3, softcap=2.0),  # Gemma 2
+    "alibi_bias": dict(mask=_packed_mask(), scale=H ** -0.5, softcap=None,  # BLOOM: (B, N, 1, S)
+                       bias=np.broadcast_to(-0.25 * np.arange(1, N + 1)[None, :, None, None]
+                                            * np.arange(T)[None, None, None, :], (B, N, 1, T)).astype(np.float32)),
+    "no_mask": dict(mask=None, bias=None, scale=1.0, softcap=None),  # BERT-like, unscaled (T5)
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_output_equals_float64_reference_and_gradients_equal_autodiff(case):
+    c = CASES[case]
+    q, k, v, d_out = _inputs()
+    out = dot_product_attention(q, k, v, c["mask"], bias=c["bias"], scale=c["scale"], softcap=c["softcap"])
+    assert out.shape == (B, T, N, H) and out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v, c["mask"], c["bias"], c["scale"],
+                                                                 c["softcap"]), atol=ATOL, rtol=0)
+
+    def ours(q, k, v):
+        return dot_product_attention(q, k, v, c["mask"], bias=c["bias"], scale=c["scale"], softcap=c["softcap"])
+
+    def ref(q, k, v):
+        return _jnp_attention(q, k, v, c["mask"], c["bias"], c["scale"], c["softcap"])
+
+    got = jax.vjp(ours, q, k, v)[1](d_out)
+    want = jax.vjp(ref, q, k, v)[1](d_out)
+    for name, x, y in zip("qkv", got, want):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=ATOL, rtol=0, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("shape", [(1, N, T, T), (B, N, 1, T)], ids=["t5_full_bias", "alibi"])
+def test_bias_gradient_equals_autodiff(shape):
+    """T5's relative position bias is a parameter: its gradient flows through the attention's backward pass."""
+    q, k, v, d_out = _inputs(1)
+    bias = np.random.RandomState(2).normal(size=shape).astype(np.float32)
+    mask = _packed_mask()
+    got = jax.vjp(lambda b_: dot_product_attention(q, k, v, mask, bias=b_, scale=1.0), bias)[1](d_out)[0]
+    want = jax.vjp(lambda b_: _jnp_attention(q, k, v, mask, b_, 1.0, None), bias)[1](d_out)[0]
+    assert got.shape == shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=ATOL, rtol=0)
+
+
+def test_decoding_shape_one_query_many_keys():
+    """Generation: one new query against a cache of S keys (the mask hides the empty slots)."""
+    s = 40
+    q, k, v, _ = _inputs(3, s=s)
+    q = q[:, :1]
+    mask = np.zeros((B, 1, 1, s), bool)
+    mask[..., :17] = True
+    out = dot_product_attention(q, k, v, mask)
+    np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v, mask, None, H ** -0.5, None),
+                               atol=ATOL, rtol=0)
+
+
+def test_keeps_no_score_sized_array_for_the_backward_pass():
+    """The residuals of the vjp are the inputs, the output and a (B, N, T) log-sum-exp: nothing (B, N, T, S)-sized,
+    where jax.nn.dot_product_attention's XLA path keeps the probabilities (which this test also checks, so that it
+    can tell the two apart)."""
+    q, k, v, _ = _inputs()
+    mask = _packed_mask()
+    score_size = B * N * T * T
+
+    def largest_residual(f):
+        _, vjp = jax.vjp(f, q, k, v)
+        return max(np.size(x) for x in jax.tree.leaves(vjp) if hasattr(x, "shape"))
+
+    assert largest_residual(lambda q, k, v: dot_product_attention(q, k, v, mask)) < score_size
+    g = N // KV
+    assert largest_residual(lambda q, k, v: jax.nn.dot_product_attention(
+        q, jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2), mask=mask)) >= score_size
+
+
+def test_bfloat16_inputs_keep_their_dtype():
+    q, k, v, d_out = (x.astype(jnp.bfloat16) for x in _inputs())
+    mask = _packed_mask()
+    out, vjp = jax.vjp(lambda q, k, v: dot_product_attention(q, k, v, mask), q, k, v)
+    assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in vjp(d_out))
+    ref = _numpy_attention(*(np.asarray(x, np.float32) for x in (q, k, v)), mask, None, H ** -0.5, None)
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.05, rtol=0)  # bf16 inputs' precision
