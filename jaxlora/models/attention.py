@@ -28,16 +28,24 @@ import jax.numpy as jnp
 
 # jax.nn.dot_product_attention's masked score: large and finite, so a row with no visible key is uniform, not NaN
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+# causal self-attention computes the scores in blocks of this many queries (forward) or keys (backward) and skips
+# the blocks above the diagonal: at T = 512, 10 of 16 blocks, 38% fewer score products and exponentials
+_BLOCK = 128
 
 
 def dot_product_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
                           mask: jax.Array | None = None, *, bias: jax.Array | None = None,
                           scale: float | None = None, softcap: float | None = None,
-                          implementation: str | None = None) -> jax.Array:
+                          causal: bool = False, implementation: str | None = None) -> jax.Array:
     """Attention output (B, T, N, H) in the inputs' dtype. Query head i reads key/value head i // (N / K) (HF's
     repeat_kv). `mask`: boolean, broadcastable to (B, N, T, S) with a head axis of 1 or N (True = attend);
     `bias`: added to the scaled scores, likewise broadcastable (BLOOM's ALiBi (B, N, 1, S)); `scale`: default
-    1/sqrt(H); `softcap`: Gemma 2's cap * tanh(scores / cap), applied after the scale and bias."""
+    1/sqrt(H); `softcap`: Gemma 2's cap * tanh(scores / cap), applied after the scale and bias.
+
+    `causal`: the mask never lets query i see a key j > i (the caller's promise; the mask is still applied), so
+    self-attention (T == S, T a multiple of 128) skips the score blocks above the diagonal. The output is the same
+    for every query that sees at least one key; a query that sees none (left padding) averages the values of
+    its block's keys instead of all S (its output is padding's and never read)."""
     h = q_BxTxNxH.shape[-1]
     scale = h ** -0.5 if scale is None else scale
     if implementation not in (None, "xla") and softcap is None:  # cuDNN's kernel has no soft-capping
@@ -45,8 +53,9 @@ def dot_product_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH:
                                             implementation=implementation)
     mask = None if mask is None else _heads(mask)
     bias = None if bias is None else _heads(bias)
+    causal = causal and (bias is None or bias.shape[2] == 1)  # a bias with query rows: one block
     out = _attention(q_BxTxNxH.transpose(0, 2, 1, 3), k_BxSxKxH.transpose(0, 2, 1, 3),
-                     v_BxSxKxH.transpose(0, 2, 1, 3), mask, bias, float(scale), softcap)
+                     v_BxSxKxH.transpose(0, 2, 1, 3), mask, bias, float(scale), softcap, causal)
     return out.transpose(0, 2, 1, 3)
 
 
@@ -63,16 +72,9 @@ def _t(x_BxNxRxC: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(jnp.swapaxes(x_BxNxRxC, 2, 3))
 
 
-def _scores(q, k, mask, bias, scale, softcap, transposed: bool):
-    """float32 scores (B, N, T, S) (or (B, N, S, T) `transposed`, for the backward pass), scaled, biased,
-    soft-capped and masked; also tanh(scores / cap) when soft-capped (its derivative's factor)."""
-    if transposed:
-        s = _mm(k, _t(q), 3, 2, jnp.float32)
-        # materialized once per layer (a barrier): fused into the score fusion, every head re-read it strided
-        mask = None if mask is None else jax.lax.optimization_barrier(jnp.swapaxes(mask, 2, 3))
-        bias = None if bias is None else jnp.swapaxes(bias, 2, 3)
-    else:
-        s = _mm(q, _t(k), 3, 2, jnp.float32)
+def _finish_scores(s, mask, bias, scale, softcap):
+    """Raw float32 products q.k -> the scores the softmax reads: scaled, biased, soft-capped, masked; also
+    tanh(scores / cap) when soft-capped (its derivative's factor)."""
     s = s * jnp.float32(scale)
     if bias is not None:
         s = s + bias.astype(jnp.float32)
@@ -82,12 +84,27 @@ def _scores(q, k, mask, bias, scale, softcap, transposed: bool):
         s = tanh * softcap
     if mask is not None:
         s = jnp.where(mask, s, _MASKED)
-    return s, tanh, mask
+    return s, tanh
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _attention(q, k, v, mask, bias, scale, softcap):
-    return _attention_fwd(q, k, v, mask, bias, scale, softcap)[0]
+def _part(x, rows: slice, cols: slice):
+    """Rows and columns of a (., ., T or 1, S or 1) mask or bias (a broadcast axis of 1 stays whole)."""
+    if x is None:
+        return None
+    return x[:, :, rows if x.shape[2] > 1 else slice(None), cols if x.shape[3] > 1 else slice(None)]
+
+
+def _blocks(t: int, s: int, causal: bool) -> list[tuple[int, int]]:
+    """[lo, hi) blocks of `_BLOCK` positions along T when causal self-attention (T == S) can skip the key blocks
+    above the diagonal; one block otherwise."""
+    if causal and t == s and t % _BLOCK == 0 and t >= 2 * _BLOCK:
+        return [(lo, lo + _BLOCK) for lo in range(0, t, _BLOCK)]
+    return [(0, t)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _attention(q, k, v, mask, bias, scale, softcap, causal):
+    return _attention_fwd(q, k, v, mask, bias, scale, softcap, causal)[0]
 
 
 def _repeat_kv(k_BxKxSxH, heads: int) -> jax.Array:
@@ -103,44 +120,74 @@ def _sum_groups(d_BxNxSxH, kv: int) -> jax.Array:
     return d_BxNxSxH.reshape(b, kv, n // kv, s, h).sum(axis=2)
 
 
-def _attention_fwd(q, k, v, mask, bias, scale, softcap):
+def _attention_fwd(q, k, v, mask, bias, scale, softcap, causal):
     """q (B, N, T, H), k and v (B, K, S, H); keeps the inputs, the output and the softmax's max and 1/sum
-    (B, N, T), never the (B, N, T, S) probabilities."""
-    n = q.shape[1]
-    s, _, _ = _scores(q, _repeat_kv(k, n), mask, bias, scale, softcap, transposed=False)
-    # softmax as jax.nn.softmax computes it, exp(s - max) / sum; the backward pass recomputes the probabilities
-    # from the (B, N, T) max and 1/sum (not from a log-sum-exp, which a row with every key masked rounds to the
-    # masked score itself, giving probabilities 1 instead of 1/S)
-    top = s.max(axis=-1, keepdims=True)
-    unnormalized = jnp.exp(s - top)
-    total = unnormalized.sum(axis=-1, keepdims=True)
-    probs = (unnormalized / total).astype(v.dtype)
-    out = _mm(probs, _repeat_kv(v, n), 3, 2)  # (B, N, T, H)
-    return out, (q, k, v, mask, bias, out, top[..., 0], 1.0 / total[..., 0])
+    (B, N, T), never the (B, N, T, S) probabilities. Causal: query block [lo, hi) reads keys [0, hi) only."""
+    n, t, s_len = q.shape[1], q.shape[2], k.shape[2]
+    k_t, v_n = _t(_repeat_kv(k, n)), _repeat_kv(v, n)
+    outs, tops, inv_totals = [], [], []
+    for lo, hi in _blocks(t, s_len, causal):
+        keys = slice(0, hi if causal and t == s_len else s_len)
+        s, _ = _finish_scores(_mm(q[:, :, lo:hi], k_t[..., keys], 3, 2, jnp.float32),
+                              _part(mask, slice(lo, hi), keys), _part(bias, slice(lo, hi), keys), scale, softcap)
+        # softmax as jax.nn.softmax computes it, exp(s - max) / sum; the backward pass recomputes the
+        # probabilities from the (B, N, T) max and 1/sum (not from a log-sum-exp, which a row with every key
+        # masked rounds to the masked score itself, giving probabilities 1 instead of 1/S)
+        top = s.max(axis=-1, keepdims=True)
+        unnormalized = jnp.exp(s - top)
+        total = unnormalized.sum(axis=-1, keepdims=True)
+        outs.append(_mm((unnormalized / total).astype(v.dtype), v_n[:, :, keys], 3, 2))  # (B, N, hi - lo, H)
+        tops.append(top[..., 0])
+        inv_totals.append(1.0 / total[..., 0])
+    out = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
+    top, inv_total = (jnp.concatenate(x, axis=2) if len(x) > 1 else x[0] for x in (tops, inv_totals))
+    return out, (q, k, v, mask, bias, out, top, inv_total)
 
 
-def _attention_bwd(scale, softcap, res, d_out):
+def _attention_bwd(scale, softcap, causal, res, d_out):
     """Recomputes the probabilities key-major, (B, N, S, T), so that every product of the backward pass reads
-    its (S, T) operand in the order it was written: no (T, S) transposes and no stored probabilities."""
+    its (S, T) operand in the order it was written: no (T, S) transposes and no stored probabilities. Causal: key
+    block [lo, hi) is read by queries [lo, T) only."""
     q, k_kv, v_kv, mask, bias, out, top, inv_total = res
-    n, kv = q.shape[1], k_kv.shape[1]
+    n, kv, t, s_len = q.shape[1], k_kv.shape[1], q.shape[2], k_kv.shape[2]
     k, v = _repeat_kv(k_kv, n), _repeat_kv(v_kv, n)
-    sT, tanh, maskT = _scores(q, k, mask, bias, scale, softcap, transposed=True)
-    pT = jnp.exp(sT - top[:, :, None, :]) * inv_total[:, :, None, :]
-    d_v = _sum_groups(_mm(pT.astype(v.dtype), d_out, 3, 2), kv).astype(v.dtype)  # (B, K, S, H)
-    d_pT = _mm(v, _t(d_out), 3, 2, jnp.float32)  # (B, N, S, T)
-    d_sT = pT * (d_pT - jnp.sum(pT * d_pT, axis=2, keepdims=True))
-    if maskT is not None:
-        d_sT = jnp.where(maskT, d_sT, 0.0)
-    if tanh is not None:
-        d_sT = d_sT * (1.0 - tanh * tanh)
+    q_t, d_out_t, k_t = _t(q), _t(d_out), _t(k)
+    # softmax's correction per query, rowsum(P * dP) = dO . O (flash attention's form: a key block alone cannot
+    # sum over all of a query's keys)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # (B, N, T)
+    # the mask and bias key-major, written out once (fused into each block's scores, each head re-read them
+    # strided)
+    mask_t = None if mask is None else jax.lax.optimization_barrier(jnp.swapaxes(mask, 2, 3))
+    bias_t = None if bias is None else jnp.swapaxes(bias, 2, 3)
+    d_q_acc, d_ks, d_vs, d_bias_parts = None, [], [], []
+    for lo, hi in _blocks(t, s_len, causal):
+        queries = slice(lo if causal and t == s_len else 0, t)
+        keys = slice(lo, hi)
+        s_t, tanh = _finish_scores(_mm(k[:, :, keys], q_t[..., queries], 3, 2, jnp.float32),
+                                   _part(mask_t, keys, queries), _part(bias_t, keys, queries), scale, softcap)
+        p_t = jnp.exp(s_t - top[:, :, None, queries]) * inv_total[:, :, None, queries]
+        d_vs.append(_mm(p_t.astype(v.dtype), d_out[:, :, queries], 3, 2))  # (B, N, hi - lo, H)
+        d_p_t = _mm(v[:, :, keys], d_out_t[..., queries], 3, 2, jnp.float32)
+        d_s_t = p_t * (d_p_t - delta[:, :, None, queries])
+        if mask_t is not None:
+            d_s_t = jnp.where(_part(mask_t, keys, queries), d_s_t, 0.0)
+        if tanh is not None:
+            d_s_t = d_s_t * (1.0 - tanh * tanh)
+        if bias is not None:  # summed over the axes the bias broadcasts along
+            d_bias_parts.append(_reduce_to(d_s_t, _part(bias_t, keys, queries).shape))
+        d_s_t = (d_s_t * jnp.float32(scale)).astype(q.dtype)
+        d_ks.append(_mm(d_s_t, q[:, :, queries], 3, 2))  # (B, N, hi - lo, H)
+        d_q_t = _mm(k_t[..., keys], d_s_t, 3, 2)  # (B, N, H, T - queries.start)
+        d_q_acc = d_q_t if d_q_acc is None else d_q_acc.at[..., queries].add(d_q_t)
+    join = lambda parts: jnp.concatenate(parts, axis=2) if len(parts) > 1 else parts[0]
+    d_q = jnp.swapaxes(d_q_acc, 2, 3).astype(q.dtype)
+    d_k = _sum_groups(join(d_ks), kv).astype(k_kv.dtype)
+    d_v = _sum_groups(join(d_vs), kv).astype(v_kv.dtype)
     d_bias = None
-    if bias is not None:  # summed over the axes the bias broadcasts along, then back to (., ., T, S)
-        d_bias = jnp.swapaxes(_reduce_to(d_sT, jnp.swapaxes(bias, 2, 3).shape), 2, 3).astype(bias.dtype)
-    d_sT = (d_sT * jnp.float32(scale)).astype(q.dtype)
-    d_k = _sum_groups(_mm(d_sT, q, 3, 2), kv).astype(k.dtype)
-    d_q = _mm(_t(k), d_sT, 3, 2).astype(q.dtype)  # (B, N, H, T)
-    return jnp.swapaxes(d_q, 2, 3), d_k, d_v, None, d_bias
+    if bias is not None:  # one part per key block (a bias with query rows is never blocked, see the caller)
+        parts = join(d_bias_parts) if bias_t.shape[2] > 1 else sum(d_bias_parts[1:], d_bias_parts[0])
+        d_bias = jnp.swapaxes(parts, 2, 3).astype(bias.dtype)
+    return d_q, d_k, d_v, None, d_bias
 
 
 def _reduce_to(x: jax.Array, shape: tuple) -> jax.Array:

@@ -137,7 +137,8 @@ class Attention(LayerPart):
         qkv_BxTxNx3xH = proj(3 * d, ("embed", "heads"), "query_key_value", x_BxTxD).reshape(b, t, n, 3, h)
         q, k, v = (qkv_BxTxNx3xH[:, :, :, i] for i in range(3))
         # HF: alibi + q.k / sqrt(head_dim), then the additive mask; dot_product_attention scales, adds bias, masks.
-        out = dot_product_attention(q, k, v, mask_Bx1xTxT, bias=bias_BxNx1xT, implementation=self.attention_impl)
+        out = dot_product_attention(q, k, v, mask_Bx1xTxT, bias=bias_BxNx1xT, causal=True,
+                                    implementation=self.attention_impl)
         return proj(d, ("heads", "embed"), "dense", out.reshape(b, t, d))
 
 

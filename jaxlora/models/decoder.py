@@ -120,7 +120,7 @@ class RopeAttention(LayerPart):
             kk = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="k_norm")(kk)
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
         kk, v, cache, impl = with_cache(cache, kk, v, cache_index, self.attention_impl)
-        out = dot_product_attention(q, kk, v, mask_Bx1xTxT, implementation=impl)
+        out = dot_product_attention(q, kk, v, mask_Bx1xTxT, causal=cache is None, implementation=impl)
         out = proj(c.hidden_size, ("heads", "embed"), c.o_bias, "o_proj", out.reshape(b, t, n * h))
         return out if cache is None else (out, cache)
 

@@ -208,7 +208,7 @@ class GemmaAttention(LayerPart):
         kk, v, cache, impl = with_cache(cache, kk, v, cache_index, self.attention_impl)
         scale = c.query_pre_attn_scalar ** -0.5
         out = dot_product_attention(q, kk, v, mask, scale=scale, softcap=c.attn_logit_softcapping,
-                                    implementation=impl)
+                                    causal=cache is None, implementation=impl)
         out = proj(c.hidden_size, ("heads", "embed"), "o_proj", out.reshape(b, t, n * h))
         return out if cache is None else (out, cache)
 

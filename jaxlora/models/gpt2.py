@@ -118,7 +118,8 @@ class Attention(LayerPart):
         scale = h ** -0.5 if c.scale_attn_weights else 1.0
         if c.scale_attn_by_inverse_layer_idx:  # the layer index is a scanned value, so it scales q, not `scale`
             q = q / (layer_idx + 1).astype(q.dtype)
-        out = dot_product_attention(q, k, v, mask_Bx1xTxT, scale=scale, implementation=self.attention_impl)
+        out = dot_product_attention(q, k, v, mask_Bx1xTxT, scale=scale, causal=True,
+                                    implementation=self.attention_impl)
         return proj(d, ("heads", "embed"), "c_proj", out.reshape(b, t, d))
 
 

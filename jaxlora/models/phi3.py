@@ -165,7 +165,7 @@ class Phi3Attention(LayerPart):
         v = qkv[..., (n + k) * h:].reshape(b, t, k, h)
         q, kk = partial_rope(q, cos, sin), partial_rope(kk, cos, sin)
         kk, v, cache, impl = with_cache(cache, kk, v, cache_index, self.attention_impl)
-        out = dot_product_attention(q, kk, v, mask, implementation=impl)
+        out = dot_product_attention(q, kk, v, mask, causal=cache is None, implementation=impl)
         out = proj(c.hidden_size, ("heads", "embed"), "o_proj", out.reshape(b, t, n * h))
         return out if cache is None else (out, cache)
 
