@@ -117,6 +117,22 @@ def test_decoding_shape_one_query_many_keys():
                                atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_cross_attention_gradients_more_keys_than_queries(causal):
+    """T5's cross-attention: T = 24 decoder queries over S = 40 encoder keys (a padding mask on the keys), output and
+    gradients against the references; `causal` is ignored when T != S."""
+    s = 40
+    q, k, v, d_out = _inputs(9, s=s)
+    mask = np.ones((B, 1, 1, s), bool)
+    mask[1, ..., 31:] = False
+    out, vjp = jax.vjp(lambda q, k, v: dot_product_attention(q, k, v, mask, scale=1.0, causal=causal), q, k, v)
+    np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v, mask, None, 1.0, None), atol=ATOL, rtol=0)
+    want = jax.vjp(lambda q, k, v: _jnp_attention(q, k, v, mask, None, 1.0, None), q, k, v)[1](d_out)
+    for name, x, y in zip("qkv", vjp(d_out), want):
+        assert x.shape == y.shape
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=ATOL, rtol=0, err_msg=f"d{name}")
+
+
 def test_keeps_no_score_sized_array_for_the_backward_pass():
     """The residuals of the vjp are the inputs, the output and a (B, N, T) log-sum-exp: nothing (B, N, T, S)-sized,
     where jax.nn.dot_product_attention's XLA path keeps the probabilities (which this test also checks, so that it

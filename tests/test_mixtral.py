@@ -10,6 +10,7 @@ unsupported config fields named in one ValueError.
 from __future__ import annotations
 
 import copy
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -297,10 +298,10 @@ def test_builtin_plan_shapes_have_the_published_param_counts(name, params):
     assert sum(x.size for x in jax.tree.leaves(model.abstract_params)) == model.config.num_params == params
 
 
-def test_plan_estimates_lora_ga_without_the_expert_kernels():
+def test_plan_estimates_lora_ga_without_the_expert_kernels(caplog):
     """`jaxlora plan` compiles LoRA-GA's estimation over the targets LoRA-GA accepts: with attention and expert targets,
     its float32 accumulators are exactly the attention kernels' (the experts, which lora_ga_init refuses, are left
-    out); with expert targets only there is nothing to estimate and no LoRA-GA plan."""
+    out), which the plan says once; with expert targets only there is nothing to estimate and no LoRA-GA plan."""
     import math
     from flax import traverse_util
     from jaxlora import plan as plan_lib
@@ -321,9 +322,11 @@ def test_plan_estimates_lora_ga_without_the_expert_kernels():
     targets = p.model.lora_targets(p.config.lora)
     attention = [t for t in targets if t.path[-1] in ("q_proj", "v_proj")]
     assert len(attention) == 2 and len(targets) == 5
-    ga = p.lora_ga_exact()
+    with caplog.at_level(logging.INFO, logger="jaxlora"):
+        ga = p.lora_ga_exact()
+        assert p.lora_ga_streaming().fits
+    assert sum("LoRA-GA estimation planned for 2 of 5 targets" in r.getMessage() for r in caplog.records) == 1
     assert ga.fits and ga.parts["accumulators"] == 4 * sum(
         math.prod(flat_sh[t.path + ("kernel",)].shard_shape(flat[t.path + ("kernel",)].shape)) for t in attention)
-    assert p.lora_ga_streaming().fits
     experts_only = planner(["w1", "w2", "w3"])
     assert experts_only.lora_ga_exact() is None and experts_only.lora_ga_streaming() is None

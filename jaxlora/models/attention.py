@@ -94,12 +94,14 @@ def _part(x, rows: slice, cols: slice):
     return x[:, :, rows if x.shape[2] > 1 else slice(None), cols if x.shape[3] > 1 else slice(None)]
 
 
-def _blocks(t: int, s: int, causal: bool) -> list[tuple[int, int]]:
-    """[lo, hi) blocks of `_BLOCK` positions along T when causal self-attention (T == S) can skip the key blocks
-    above the diagonal; one block otherwise."""
-    if causal and t == s and t % _BLOCK == 0 and t >= 2 * _BLOCK:
-        return [(lo, lo + _BLOCK) for lo in range(0, t, _BLOCK)]
-    return [(0, t)]
+def _blocked(t: int, s: int, causal: bool) -> bool:
+    """Whether causal self-attention (T == S) is computed in blocks that skip the scores above the diagonal."""
+    return causal and t == s and t % _BLOCK == 0 and t >= 2 * _BLOCK
+
+
+def _blocks(length: int, blocked: bool) -> list[tuple[int, int]]:
+    """[lo, hi) blocks of `_BLOCK` positions (the queries forward, the keys backward), or the whole length."""
+    return [(lo, lo + _BLOCK) for lo in range(0, length, _BLOCK)] if blocked else [(0, length)]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -126,8 +128,9 @@ def _attention_fwd(q, k, v, mask, bias, scale, softcap, causal):
     n, t, s_len = q.shape[1], q.shape[2], k.shape[2]
     k_t, v_n = _t(_repeat_kv(k, n)), _repeat_kv(v, n)
     outs, tops, inv_totals = [], [], []
-    for lo, hi in _blocks(t, s_len, causal):
-        keys = slice(0, hi if causal and t == s_len else s_len)
+    blocked = _blocked(t, s_len, causal)
+    for lo, hi in _blocks(t, blocked):  # query blocks
+        keys = slice(0, hi if blocked else s_len)
         s, _ = _finish_scores(_mm(q[:, :, lo:hi], k_t[..., keys], 3, 2, jnp.float32),
                               _part(mask, slice(lo, hi), keys), _part(bias, slice(lo, hi), keys), scale, softcap)
         # softmax as jax.nn.softmax computes it, exp(s - max) / sum; the backward pass recomputes the
@@ -160,8 +163,9 @@ def _attention_bwd(scale, softcap, causal, res, d_out):
     mask_t = None if mask is None else jax.lax.optimization_barrier(jnp.swapaxes(mask, 2, 3))
     bias_t = None if bias is None else jnp.swapaxes(bias, 2, 3)
     d_q_acc, d_ks, d_vs, d_bias_parts = None, [], [], []
-    for lo, hi in _blocks(t, s_len, causal):
-        queries = slice(lo if causal and t == s_len else 0, t)
+    blocked = _blocked(t, s_len, causal)
+    for lo, hi in _blocks(s_len, blocked):  # key blocks
+        queries = slice(lo if blocked else 0, t)
         keys = slice(lo, hi)
         s_t, tanh = _finish_scores(_mm(k[:, :, keys], q_t[..., queries], 3, 2, jnp.float32),
                                    _part(mask_t, keys, queries), _part(bias_t, keys, queries), scale, softcap)

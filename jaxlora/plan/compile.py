@@ -16,6 +16,7 @@ shardings (`model.dense_abstract_params`), as `lora_ga.estimate_gradients` does.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import re
@@ -210,9 +211,11 @@ class Planner:
         return (self.train(found.largest) if found.largest else None), self.train(1), found
 
     # ---- LoRA-GA estimation: the steps lora_ga.lora_ga_init runs
+    @functools.cached_property
     def _ga(self):
         """The config, targets, global rows and groups of LoRA-GA's packed estimation batches (as lora_ga_init). The
-        targets are those LoRA-GA estimates: stacked expert kernels (Mixtral's), which it refuses, are left out."""
+        targets are those LoRA-GA estimates: stacked expert kernels (Mixtral's), which it refuses, are left out
+        (said once per plan, however many estimation steps are planned)."""
         ga = self.config.lora.lora_ga_config or LoraGAConfig()
         groups = lora_ga.pack_factor(ga.batch_size, self.divisor)
         targets = self.model.lora_targets(self.config.lora)
@@ -225,7 +228,7 @@ class Planner:
     def lora_ga_exact(self) -> StepPlan | None:
         """lora_ga.estimate_gradients' step: float32 gradient accumulators for every targeted kernel (w.r.t. the
         dequantized kernel on a quantized base: dense shapes and shardings); None when no target can be estimated."""
-        ga, targets, rows, groups = self._ga()
+        ga, targets, rows, groups = self._ga
         if not targets:
             return None
         model = self.model
@@ -250,7 +253,7 @@ class Planner:
     def lora_ga_streaming(self) -> StepPlan | None:
         """lora_ga.streaming_factorize's sketch step (same jit, same shardings): a LoRA backward at the sketch rank
         q = 2r + oversampling; None when no target can be estimated."""
-        ga, targets, rows, groups = self._ga()
+        ga, targets, rows, groups = self._ga
         if not targets:
             return None
         ga = dataclasses.replace(ga, svd_method="streaming")  # its sketch rank, whatever the config's method
