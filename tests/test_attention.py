@@ -168,11 +168,11 @@ def _long_packed_mask(t, left_pad=0):
     return seg, causal_padding_mask(jnp.asarray(seg), None)
 
 
-@pytest.mark.parametrize("bias", [False, True], ids=["plain", "alibi"])
-def test_causal_blocks_equal_the_full_computation(bias):
-    """causal=True skips the score blocks above the diagonal (T = 384: 3 blocks of 128): the output equals the float64
-    reference, and the gradients equal autodiff of the full formulation, with packed segments, padding and ALiBi."""
-    t = 384
+@pytest.mark.parametrize("t,bias", [(384, False), (384, True), (640, False)], ids=["plain", "alibi", "4_blocks_of_160"])
+def test_causal_blocks_equal_the_full_computation(t, bias):
+    """causal=True skips the score blocks above the diagonal (T = 384: 3 blocks of 128; T = 640: 4 of 160): the output
+    equals the float64 reference, and the gradients equal autodiff of the full formulation, with packed segments,
+    padding and ALiBi."""
     q, k, v, d_out = _inputs(4, s=t)
     q = np.random.RandomState(5).normal(size=(B, t, N, H)).astype(np.float32)
     d_out = np.random.RandomState(6).normal(size=(B, t, N, H)).astype(np.float32)
