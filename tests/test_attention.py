@@ -134,9 +134,9 @@ def test_cross_attention_gradients_more_keys_than_queries(causal):
 
 
 def test_keeps_no_score_sized_array_for_the_backward_pass():
-    """The residuals of the vjp are the inputs, the output and a (B, N, T) log-sum-exp: nothing (B, N, T, S)-sized,
-    where jax.nn.dot_product_attention's XLA path keeps the probabilities (which this test also checks, so that it
-    can tell the two apart)."""
+    """The residuals of the vjp are the inputs, the output and the softmax's (B, N, T) max and 1/sum: nothing
+    (B, N, T, S)-sized, where jax.nn.dot_product_attention's XLA path keeps the probabilities (which this test also
+    checks, so that it can tell the two apart)."""
     q, k, v, _ = _inputs()
     mask = _packed_mask()
     score_size = B * N * T * T

@@ -244,7 +244,7 @@ def test_router_aux_loss_matches_transformers(tmp_path, tmp_path_factory):
         **TINY, output_router_logits=True, router_aux_loss_coef=coef)))
     hf.save_pretrained(tmp_path / "aux")
     # the reference runs in float64 (the saved float32 weights, exactly): transformers' own float32 LoRA gradients
-    # differ from its float64 ones by up to 1.1e-5 x max |grad| on an AMD EPYC (ours, float32: 2.4e-6), so a
+    # differ from its float64 ones by up to 1.1e-5 x max |grad| on an AMD EPYC (ours, float32: 2.1e-6), so a
     # float32-vs-float32 comparison at 1e-5 measured the two rounding errors added, and passed or not by machine
     hf.config._experts_implementation = "eager"  # the grouped-matmul experts take no float64
     hf = hf.double()
@@ -278,7 +278,7 @@ def test_router_aux_loss_matches_transformers(tmp_path, tmp_path_factory):
     print(f"aux {float(aux):.6f} (transformers {ref_aux:.6f}), loss {float(loss):.6f} ({ref_loss:.6f})")
     assert abs(float(aux) - ref_aux) < 1e-5 and float(aux) > 1.0  # k = 2 for even routing, more if not
     assert abs(float(loss) - ref_loss) < 1e-5
-    PARITY_ERRORS["mixtral/CE + coef * aux LoRA grads (rel)"] = check_lora_grads_match_peft(model, pm, grads, rel=1e-3)
+    PARITY_ERRORS["mixtral/CE + coef * aux LoRA grads (rel)"] = check_lora_grads_match_peft(model, pm, grads, rel=1e-5)
     assert abs(float(loss_chunked) - float(loss)) < 1e-5
     np.testing.assert_allclose(float(jnp.sum(total_r) / jnp.sum(count_r)), float(loss), atol=1e-6, rtol=0)
 
