@@ -42,13 +42,20 @@ from bench_common import (WorkerProcess, machine_info, maxrss_kb, reply, reset_p
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 VARIANTS = ("jaxlora_packed", "jaxlora_bucketed", "peft_padded", "peft_padding_free", "peft_packed")
-# What was tried on the CPU gap, each on jaxlora_packed's batches: the fused chunked loss (model.loss_chunk 512)
-# instead of the full (B, T, vocab) logits; XLA:CPU's oneDNN dot fusion (an experimental flag: +10-45% on single
-# GEMMs in isolated measurements); the head only at the positions that predict a labelled token
-# (model.logits_at_targets: the prompt's logits are never computed).
+# What was tried on the CPU gap (README, Performance: what each gave; none is a default): the fused chunked loss
+# (model.loss_chunk 512) instead of the full (B, T, vocab) logits; XLA:CPU's oneDNN dot fusion (an experimental flag:
+# +10-45% on single GEMMs in isolated measurements); the head only at the positions that predict a labelled token
+# (model.logits_at_targets: the prompt's logits are never computed); glibc's malloc backing its large blocks with
+# transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1: XLA:CPU allocates each step's ~2 GB of temporaries
+# afresh, and the kernel faults them in 4 KB page by page otherwise), for jaxlora and for PEFT alike.
+# "batches": the variant whose batches it trains on (default jaxlora_packed); "env": the worker's extra environment.
+HUGE_PAGES = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 EXPERIMENTS = {"jaxlora_packed_chunked_loss": dict(loss_chunk=512),
                "jaxlora_packed_onednn": dict(xla_flags="--xla_cpu_experimental_onednn_fusion_type=dot"),
-               "jaxlora_packed_targets": dict(logits_at_targets=True)}
+               "jaxlora_packed_targets": dict(logits_at_targets=True),
+               "jaxlora_packed_hugepages": dict(env=HUGE_PAGES),
+               "jaxlora_packed_targets_hugepages": dict(logits_at_targets=True, env=HUGE_PAGES),
+               "peft_padding_free_hugepages": dict(batches="peft_padding_free", env=HUGE_PAGES)}
 TEMPLATES = {  # dataset -> (source records, prompt template, response template)
     "gsm": ("train", "Question: {input}\nAnswer: ", "{target}"),
     "belle": ("test", "Human: {instruction}\n\nAssistant: ", "{output}"),  # BELLE's field names and template
@@ -247,7 +254,7 @@ def serve(args) -> None:
 class Worker(WorkerProcess):
     def __init__(self, name: str, args, workdir: pathlib.Path, model_path: str):
         experiment = EXPERIMENTS.get(name, {})
-        batches = "jaxlora_packed" if experiment else name
+        batches = experiment.get("batches", "jaxlora_packed") if experiment else name
         cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", name, "--batches-file",
                str(workdir / f"{batches}.npz"), "--model-path", model_path, "--lr", str(args.lr),
                "--loss-chunk", str(experiment.get("loss_chunk", args.loss_chunk))] + \
@@ -257,6 +264,7 @@ class Worker(WorkerProcess):
         env["XLA_FLAGS"] = " ".join([f for f in env.get("XLA_FLAGS", "").split()
                                      if "force_host_platform_device_count" not in f]
                                     + experiment.get("xla_flags", "").split())
+        env.update(experiment.get("env", {}))
         super().__init__(name, cmd, env, workdir)
 
 
@@ -268,9 +276,9 @@ def run(args) -> dict:
     t_start = time.perf_counter()
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="bench_realdata_"))
     prep = prepare(args, workdir)
-    for name in EXPERIMENTS:  # they train on jaxlora_packed's batches
+    for name, experiment in EXPERIMENTS.items():  # they train on another variant's batches
         for key in ("labelled_tokens", "computed_tokens", "batches"):
-            prep[key][name] = prep[key]["jaxlora_packed"]
+            prep[key][name] = prep[key][experiment.get("batches", "jaxlora_packed")]
     print(f"data: {prep['data']}; {prep['examples']} examples; packed into {prep['packed_rows_total']} rows "
           f"({100 * prep['packed_fill']:.1f}% real tokens); batches {prep['batches']}", flush=True)
     workers, ready, passes = {}, {}, {name: [] for name in args.variants}
