@@ -56,6 +56,13 @@ EXPERIMENTS = {"jaxlora_packed_chunked_loss": dict(loss_chunk=512),
                "jaxlora_packed_hugepages": dict(env=HUGE_PAGES),
                "jaxlora_packed_targets_hugepages": dict(logits_at_targets=True, env=HUGE_PAGES),
                "peft_padding_free_hugepages": dict(batches="peft_padding_free", env=HUGE_PAGES)}
+
+
+def trained_on(name: str) -> str:
+    """The variant whose batches `name` trains on: its own, or an experiment's (jaxlora_packed's by default)."""
+    return EXPERIMENTS[name].get("batches", "jaxlora_packed") if name in EXPERIMENTS else name
+
+
 TEMPLATES = {  # dataset -> (source records, prompt template, response template)
     "gsm": ("train", "Question: {input}\nAnswer: ", "{target}"),
     "belle": ("test", "Human: {instruction}\n\nAssistant: ", "{output}"),  # BELLE's field names and template
@@ -254,9 +261,8 @@ def serve(args) -> None:
 class Worker(WorkerProcess):
     def __init__(self, name: str, args, workdir: pathlib.Path, model_path: str):
         experiment = EXPERIMENTS.get(name, {})
-        batches = experiment.get("batches", "jaxlora_packed") if experiment else name
         cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", name, "--batches-file",
-               str(workdir / f"{batches}.npz"), "--model-path", model_path, "--lr", str(args.lr),
+               str(workdir / f"{trained_on(name)}.npz"), "--model-path", model_path, "--lr", str(args.lr),
                "--loss-chunk", str(experiment.get("loss_chunk", args.loss_chunk))] + \
             (["--logits-at-targets"] if experiment.get("logits_at_targets") else [])
         env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
@@ -276,9 +282,9 @@ def run(args) -> dict:
     t_start = time.perf_counter()
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="bench_realdata_"))
     prep = prepare(args, workdir)
-    for name, experiment in EXPERIMENTS.items():  # they train on another variant's batches
+    for name in EXPERIMENTS:  # they train on another variant's batches
         for key in ("labelled_tokens", "computed_tokens", "batches"):
-            prep[key][name] = prep[key][experiment.get("batches", "jaxlora_packed")]
+            prep[key][name] = prep[key][trained_on(name)]
     print(f"data: {prep['data']}; {prep['examples']} examples; packed into {prep['packed_rows_total']} rows "
           f"({100 * prep['packed_fill']:.1f}% real tokens); batches {prep['batches']}", flush=True)
     workers, ready, passes = {}, {}, {name: [] for name in args.variants}
