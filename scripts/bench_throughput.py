@@ -234,7 +234,7 @@ class PeftWorker:
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
-    def _step(self, batch) -> "torch.Tensor":
+    def _step(self, batch):
         torch = self.torch
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.autocast):
             loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

@@ -106,7 +106,7 @@ def load_model_and_batches(args):
 # ------------------------------------------------------------------------------------------ linear algebra
 
 
-def overlap(u_ex, u_m) -> "np.ndarray":
+def overlap(u_ex, u_m):
     """||U_ex^T U_m||_F^2 / k per stacked matrix: (..., d, k) x (..., d, k) -> (...,)."""
     import numpy as np
     k = u_ex.shape[-1]

@@ -205,3 +205,55 @@ def test_causal_blocks_with_left_padding_differ_only_where_no_key_is_seen():
     out = np.asarray(dot_product_attention(q, k, v, mask, causal=True))
     ref = _numpy_attention(q, k, v, mask, None, H ** -0.5, None)
     np.testing.assert_allclose(out[sees_a_key], ref[sees_a_key], atol=ATOL, rtol=0)
+
+
+def _segments(rows, t):
+    """Segment ids (B, t) from each row's example lengths (1, 2, ... in order, then right padding 0)."""
+    seg = np.zeros((len(rows), t), np.int32)
+    for b, lengths in enumerate(rows):
+        ends = np.cumsum(lengths)
+        for i, (lo, hi) in enumerate(zip(ends - lengths, ends)):
+            seg[b, lo:hi] = i + 1
+    return seg
+
+
+_PADDING_BETWEEN = np.array([[1] * 100 + [0] * 200 + [1] * 212] * 2, np.int32)  # not a loader's layout
+SKIP_CASES = {  # segment ids (B, 512), the first key block of each of the 4 query blocks
+    "short": (_segments([[100, 100, 100, 100, 90], [120, 120, 120, 120]], 512), [0, 0, 1, 2]),  # 7 of 10 blocks
+    "one_long": (_segments([[300, 80, 100], [512]], 512), [0, 0, 0, 0]),  # one row a single example: all 10
+    # row 1's padding from 220 on sees every real key before it, but only real queries count: not [0, 0, 0, 0]
+    "padding": (_segments([[130, 300], [140, 40, 40]], 512), [0, 0, 1, 1]),
+    # block 1 holds only padding (its own diagonal alone), block 2 reads from block 0: block 1 starts at 0 too
+    "monotone": (_PADDING_BETWEEN, [0, 0, 0, 0]),
+}
+
+
+@pytest.mark.parametrize("case", list(SKIP_CASES))
+def test_packed_rows_skip_the_blocks_between_examples(case):
+    """Packed rows of T = 512 (4 query blocks of 128): each query block reads its keys from the first block any of
+    its real queries sees (`_key_block_starts`, nondecreasing), and the skipped blocks change nothing: under jit (one
+    compiled branch per start) and eagerly, the output at every real query equals the float64 reference and the
+    gradients equal autodiff of the full formulation (padding queries' outputs are padding's: their cotangent is
+    zero, as under a masked loss)."""
+    from jaxlora.models import attention
+    t, n, kv, h = 512, 4, 2, 8
+    seg, starts = SKIP_CASES[case]
+    mask = causal_padding_mask(jnp.asarray(seg), None)
+    got_starts = attention._key_block_starts(attention._heads(mask), t, t, True)
+    assert np.asarray(got_starts).tolist() == starts
+    r = np.random.RandomState(11)
+    q, k, v, d_out = (r.normal(size=(len(seg), t, m, h)).astype(np.float32) for m in (n, kv, kv, n))
+    real = seg > 0
+    d_out = d_out * real[:, :, None, None]
+
+    def ours(q, k, v):
+        return dot_product_attention(q, k, v, mask, causal=True)
+
+    ref_out = _numpy_attention(q, k, v, mask, None, h ** -0.5, None)
+    want = jax.vjp(lambda q, k, v: _jnp_attention(q, k, v, mask, None, h ** -0.5, None), q, k, v)[1](d_out)
+    for how, f in (("jit", jax.jit(lambda q, k, v, d: jax.vjp(ours, q, k, v)[1](d) + (ours(q, k, v),))),
+                   ("eager", lambda q, k, v, d: jax.vjp(ours, q, k, v)[1](d) + (ours(q, k, v),))):
+        *grads, out = f(q, k, v, d_out)
+        np.testing.assert_allclose(np.asarray(out)[real], ref_out[real], atol=ATOL, rtol=0, err_msg=how)
+        for name, x, y in zip("qkv", grads, want):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=ATOL, rtol=0, err_msg=f"{how} d{name}")

@@ -15,6 +15,13 @@ order it was written: no (T, S) transposes. The math is HF's eager attention: sc
 soft-capping cap * tanh(scores / cap), masked, softmax in float32, times v; a bias (T5's position bias) gets its
 gradient, a mask none.
 
+Causal self-attention runs in blocks of queries (forward) and keys (backward) and computes only the score blocks a
+query reads: none above the diagonal, and in packed rows (`data.packing`) none between examples either: each
+query block starts at the first key block any real query of it sees, a traced index that picks one of a few
+compiled branches (`lax.switch`), so the shapes stay static. Measured on the same step as above (2 packed rows of
+512 GSM examples, 7-8 of the 10 causal blocks read; old and new alternating in one process, 2-core AMD EPYC):
+5.71 -> 5.37 s (1.06x), the same losses to 1e-6.
+
 `implementation="cudnn"` goes to `jax.nn.dot_product_attention` (the fused GPU kernel; not with soft-capping, which
 it lacks); None or "xla" runs this one.
 """
@@ -45,10 +52,11 @@ def dot_product_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH:
     `bias`: added to the scaled scores, likewise broadcastable (BLOOM's ALiBi (B, N, 1, S)); `scale`: default
     1/sqrt(H); `softcap`: Gemma 2's cap * tanh(scores / cap), applied after the scale and bias.
 
-    `causal`: the mask never lets query i see a key j > i (the caller's promise; the mask is still applied), so
-    self-attention (T == S, T a multiple of 128, at least 256) skips the score blocks above the diagonal. The output
-    is the same for every query that sees at least one key; a query that sees none (left padding) averages the values
-    of its block's keys instead of all S (its output is padding's and never read)."""
+    `causal`: the mask never lets query i see a key j > i, and a query the mask does not let see its own key is
+    padding, whose output is never read (the caller's promises; the mask is still applied), so self-attention
+    (T == S, T a multiple of 128, at least 256) skips the score blocks above the diagonal and those no real query
+    reads (`_key_block_starts`). The output is the same for every real query; a padding query averages or weighs
+    only the keys of the blocks computed for its block (a left-padding query that sees no key: their values)."""
     h = q_BxTxNxH.shape[-1]
     scale = h ** -0.5 if scale is None else scale
     if implementation not in (None, "xla") and softcap is None:  # cuDNN's kernel has no soft-capping
@@ -128,15 +136,50 @@ def _sum_groups(d_BxNxSxH, kv: int) -> jax.Array:
     return d_BxNxSxH.reshape(b, kv, n // kv, s, h).sum(axis=2)
 
 
+def _key_block_starts(mask, t: int, s_len: int, blocked: bool) -> jax.Array | None:
+    """Packed rows: for each query block, the first key block that any query of it reads, (blocks,) int32,
+    nondecreasing, so that the score blocks between segments are skipped too (None: every block from key 0).
+
+    A query reads a key block if the mask lets it see a key there and it sees its own key: a query that does not
+    (padding) is the caller's to ignore (`dot_product_attention`'s `causal`), so a right-padded row's padding does not
+    pull its block back to key 0. Taken over the whole batch: every row runs the same blocks."""
+    if not blocked or mask is None or mask.shape[2] != t or mask.shape[3] != s_len:
+        return None
+    blocks = _blocks(t, True)
+    nb, size = len(blocks), blocks[0][1] - blocks[0][0]
+    sees_BxTxS = mask.any(axis=1)
+    real_BxT = jnp.diagonal(sees_BxTxS, axis1=1, axis2=2)
+    reads = (sees_BxTxS & real_BxT[:, :, None]).reshape(-1, nb, size, nb, size).any(axis=(0, 2, 4))
+    diagonal = jnp.arange(nb, dtype=jnp.int32)
+    first = jnp.where(reads.any(axis=1), jnp.argmax(reads, axis=1).astype(jnp.int32), diagonal)
+    # nondecreasing (each block then reads a contiguous run of key blocks ending on the diagonal, and each key
+    # block is read by a contiguous run of query blocks starting on it): a later block never starts earlier
+    return jax.lax.cummin(jnp.minimum(first, diagonal), reverse=True)
+
+
+def _dynamic_range(index, options: list, compute):
+    """compute(options[index]): under a trace, one branch per option (every branch of one output shape); eagerly,
+    only the chosen one (op by op, like the rest of an un-jitted call); with one option, compute(options[0])."""
+    if len(options) == 1:
+        return compute(options[0])
+    if not isinstance(index, jax.core.Tracer):
+        return compute(options[int(index)])
+    return jax.lax.switch(index, [functools.partial(compute, o) for o in options])
+
+
 def _attention_fwd(q, k, v, mask, bias, scale, softcap, causal):
     """q (B, N, T, H), k and v (B, K, S, H); keeps the inputs, the output and the softmax's max and 1/sum
-    (B, N, T), never the (B, N, T, S) probabilities. Causal: query block [lo, hi) reads keys [0, hi) only."""
+    (B, N, T), never the (B, N, T, S) probabilities. Causal: query block [lo, hi) reads keys [first, hi) only, where
+    `first` is the start of the earliest key block its queries see (`_key_block_starts`)."""
     n, t, s_len = q.shape[1], q.shape[2], k.shape[2]
     k_t, v_n = _t(_repeat_kv(k, n)), _repeat_kv(v, n)
     outs, tops, inv_totals = [], [], []
     blocked = _blocked(t, s_len, causal)
-    for lo, hi in _blocks(t, blocked):  # query blocks
-        keys = slice(0, hi if blocked else s_len)
+    starts = _key_block_starts(mask, t, s_len, blocked)
+    blocks = _blocks(t, blocked)
+
+    def query_block(lo, hi, first):
+        keys = slice(first, hi if blocked else s_len)
         s, _ = _finish_scores(_mm(q[:, :, lo:hi], k_t[..., keys], 3, 2, jnp.float32),
                               _part(mask, slice(lo, hi), keys), _part(bias, slice(lo, hi), keys), scale, softcap)
         # softmax as jax.nn.softmax computes it, exp(s - max) / sum; the backward pass recomputes the
@@ -145,19 +188,26 @@ def _attention_fwd(q, k, v, mask, bias, scale, softcap, causal):
         top = s.max(axis=-1, keepdims=True)
         unnormalized = jnp.exp(s - top)
         total = unnormalized.sum(axis=-1, keepdims=True)
-        outs.append(_mm((unnormalized / total).astype(v.dtype), v_n[:, :, keys], 3, 2))  # (B, N, hi - lo, H)
-        tops.append(top[..., 0])
-        inv_totals.append(1.0 / total[..., 0])
+        out = _mm((unnormalized / total).astype(v.dtype), v_n[:, :, keys], 3, 2)  # (B, N, hi - lo, H)
+        return out, top[..., 0], 1.0 / total[..., 0]
+
+    for i, (lo, hi) in enumerate(blocks):  # query blocks
+        firsts = [0] if starts is None else [b_lo for b_lo, _ in blocks[:i + 1]]
+        out, top, inv_total = _dynamic_range(None if starts is None else starts[i], firsts,
+                                              functools.partial(query_block, lo, hi))
+        outs.append(out)
+        tops.append(top)
+        inv_totals.append(inv_total)
     out = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
     top, inv_total = (jnp.concatenate(x, axis=2) if len(x) > 1 else x[0] for x in (tops, inv_totals))
-    return out, (q, k, v, mask, bias, out, top, inv_total)
+    return out, (q, k, v, mask, bias, out, top, inv_total, starts)
 
 
 def _attention_bwd(scale, softcap, causal, res, d_out):
     """Recomputes the probabilities key-major, (B, N, S, T), so that every product of the backward pass reads
     its (S, T) operand in the order it was written: no (T, S) transposes and no stored probabilities. Causal: key
-    block [lo, hi) is read by queries [lo, T) only."""
-    q, k_kv, v_kv, mask, bias, out, top, inv_total = res
+    block [lo, hi) is read by queries [lo, end) only, the query blocks whose forward read it."""
+    q, k_kv, v_kv, mask, bias, out, top, inv_total, starts = res
     n, kv, t, s_len = q.shape[1], k_kv.shape[1], q.shape[2], k_kv.shape[2]
     k, v = _repeat_kv(k_kv, n), _repeat_kv(v_kv, n)
     q_t, d_out_t, k_t = _t(q), _t(d_out), _t(k)
@@ -168,27 +218,39 @@ def _attention_bwd(scale, softcap, causal, res, d_out):
     # strided)
     mask_t = None if mask is None else jax.lax.optimization_barrier(jnp.swapaxes(mask, 2, 3))
     bias_t = None if bias is None else jnp.swapaxes(bias, 2, 3)
-    d_q_acc, d_ks, d_vs, d_bias_parts = None, [], [], []
     blocked = _blocked(t, s_len, causal)
-    for lo, hi in _blocks(s_len, blocked):  # key blocks
-        queries = slice(lo if blocked else 0, t)
-        keys = slice(lo, hi)
+    blocks = _blocks(s_len, blocked)
+
+    def key_block(lo, hi, end):
+        """d_v and d_k of keys [lo, hi), the d_q^T they give queries [lo, T) (zero from `end` on), d_bias."""
+        queries, keys = slice(lo if blocked else 0, end), slice(lo, hi)
         s_t, tanh = _finish_scores(_mm(k[:, :, keys], q_t[..., queries], 3, 2, jnp.float32),
                                    _part(mask_t, keys, queries), _part(bias_t, keys, queries), scale, softcap)
         p_t = jnp.exp(s_t - top[:, :, None, queries]) * inv_total[:, :, None, queries]
-        d_vs.append(_mm(p_t.astype(v.dtype), d_out[:, :, queries], 3, 2))  # (B, N, hi - lo, H)
+        d_v = _mm(p_t.astype(v.dtype), d_out[:, :, queries], 3, 2)  # (B, N, hi - lo, H)
         d_p_t = _mm(v[:, :, keys], d_out_t[..., queries], 3, 2, jnp.float32)
         d_s_t = p_t * (d_p_t - delta[:, :, None, queries])
         if mask_t is not None:
             d_s_t = jnp.where(_part(mask_t, keys, queries), d_s_t, 0.0)
         if tanh is not None:
             d_s_t = d_s_t * (1.0 - tanh * tanh)
-        if bias is not None:  # summed over the axes the bias broadcasts along
-            d_bias_parts.append(_reduce_to(d_s_t, _part(bias_t, keys, queries).shape))
+        d_bias = None if bias is None else _reduce_to(d_s_t, _part(bias_t, keys, queries).shape)
         d_s_t = (d_s_t * jnp.float32(scale)).astype(q.dtype)
-        d_ks.append(_mm(d_s_t, q[:, :, queries], 3, 2))  # (B, N, hi - lo, H)
-        d_q_t = _mm(k_t[..., keys], d_s_t, 3, 2)  # (B, N, H, T - queries.start)
-        d_q_acc = d_q_t if d_q_acc is None else d_q_acc.at[..., queries].add(d_q_t)
+        d_k = _mm(d_s_t, q[:, :, queries], 3, 2)  # (B, N, hi - lo, H)
+        d_q_t = _mm(k_t[..., keys], d_s_t, 3, 2)  # (B, N, H, end - queries.start)
+        d_q_t = jnp.pad(d_q_t, ((0, 0), (0, 0), (0, 0), (0, t - end)))
+        return d_v, d_k, d_q_t, d_bias
+
+    d_q_acc, d_ks, d_vs, d_bias_parts = None, [], [], []
+    for j, (lo, hi) in enumerate(blocks):  # key blocks
+        # the query blocks that read key block j are j .. end - 1: those whose forward started at or before it
+        ends = [t] if starts is None else [q_hi for _, q_hi in blocks[j:]]
+        index = None if starts is None else jnp.sum(starts <= j) - (j + 1)
+        d_v, d_k, d_q_t, d_bias = _dynamic_range(index, ends, functools.partial(key_block, lo, hi))
+        d_vs.append(d_v)
+        d_ks.append(d_k)
+        d_bias_parts.append(d_bias)
+        d_q_acc = d_q_t if d_q_acc is None else d_q_acc.at[..., lo:].add(d_q_t)
     join = lambda parts: jnp.concatenate(parts, axis=2) if len(parts) > 1 else parts[0]
     d_q = jnp.swapaxes(d_q_acc, 2, 3).astype(q.dtype)
     d_k = _sum_groups(join(d_ks), kv).astype(k_kv.dtype)
