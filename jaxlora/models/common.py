@@ -117,6 +117,30 @@ ACTIVATIONS = {
 }
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def gated_activation(act, gate: jax.Array, up: jax.Array) -> jax.Array:
+    """act(gate) * up, the gated MLPs' (SwiGLU, GeGLU) middle, with a backward pass that keeps only gate and up and
+    recomputes act(gate) and its derivative. Autodiff of the plain product kept act(gate), the activation's inner
+    terms and the product as well: six (B, T, F) arrays per layer, stacked over the layer scan, where two remain
+    (one more, the product, is kept by down_proj's LoRA branch). Measured on SmolLM2-135M, a packed 2 x 512 step,
+    in one process alternating with the plain product (2-core AMD EPYC): 4.87 -> 4.56 s (1.07x), the same losses."""
+    return act(gate) * up
+
+
+def _gated_activation_fwd(act, gate, up):
+    return act(gate) * up, (gate, up)
+
+
+def _gated_activation_bwd(act, residuals, d_out):
+    gate, up = residuals
+    activated, act_vjp = jax.vjp(act, gate)
+    (d_gate,) = act_vjp(d_out * up)
+    return d_gate, d_out * activated
+
+
+gated_activation.defvjp(_gated_activation_fwd, _gated_activation_bwd)
+
+
 # ------------------------------------------------------------------------------------------ layers
 
 

@@ -36,7 +36,7 @@ from jaxlora import sharding
 from jaxlora.io.hf_checkpoint import NameRule, NameTable
 from jaxlora.models.attention import dot_product_attention
 from jaxlora.models.common import (Family, LayerPart, LayerStack, LoraDense, ModelRoot, RMSNorm, causal_padding_mask,
-                                   scanned_layers, select_positions)
+                                   gated_activation, scanned_layers, select_positions)
 
 # ---------------------------------------------------------------------------------- rotary attention and KV cache
 # The Llama-style parts: rotary embeddings, GQA attention with an optional per-head q/k RMSNorm, the gated SiLU MLP,
@@ -137,7 +137,7 @@ class GatedMLP(LayerPart):
                                                    self.deterministic, name=name)(x, lora.get(name))
         gate = dense(c.intermediate_size, ("embed", "mlp"), "gate_proj", x_BxTxD)
         up = dense(c.intermediate_size, ("embed", "mlp"), "up_proj", x_BxTxD)
-        return dense(c.hidden_size, ("mlp", "embed"), "down_proj", nn.silu(gate) * up)
+        return dense(c.hidden_size, ("mlp", "embed"), "down_proj", gated_activation(nn.silu, gate, up))
 
 
 def cached_causal_mask(cache_mask_BxS: jax.Array, t: int, cache_index, sliding_window: int | None) -> jax.Array:

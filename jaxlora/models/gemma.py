@@ -44,7 +44,7 @@ import numpy as np
 
 from jaxlora import sharding
 from jaxlora.models.attention import dot_product_attention
-from jaxlora.models.common import ACTIVATIONS, LayerPart, LoraDense, supported_architecture
+from jaxlora.models.common import ACTIVATIONS, LayerPart, LoraDense, gated_activation, supported_architecture
 from jaxlora.models.decoder import (PROJ_BIAS_RULE, PROJ_KERNEL_RULE, QK_NORM_RULE, CausalLM, Decoder, DecoderDims,
                                     apply_rope, decoder_family, decoder_fields, decoder_mask, decoder_names,
                                     rope_cos_sin, rope_from_hf, with_cache)
@@ -223,7 +223,8 @@ class GegluMLP(LayerPart):
                                                    name=name)(x, lora.get(name))
         gate = dense(c.intermediate_size, ("embed", "mlp"), "gate_proj", x_BxTxD)
         up = dense(c.intermediate_size, ("embed", "mlp"), "up_proj", x_BxTxD)
-        return dense(c.hidden_size, ("mlp", "embed"), "down_proj", ACTIVATIONS[c.hidden_activation](gate) * up)
+        return dense(c.hidden_size, ("mlp", "embed"), "down_proj",
+                     gated_activation(ACTIVATIONS[c.hidden_activation], gate, up))
 
 
 class DecoderLayer(LayerPart):

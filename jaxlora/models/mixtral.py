@@ -51,7 +51,7 @@ import jax.numpy as jnp
 from jaxlora import sharding
 from jaxlora.io.hf_checkpoint import NameRule
 from jaxlora.lora.weights import LoraWeights
-from jaxlora.models.common import LayerPart, supported_architecture
+from jaxlora.models.common import LayerPart, gated_activation, supported_architecture
 from jaxlora.models.decoder import (CausalLM, Decoder, DecoderDims, PreNormLayer, decoder_family, decoder_fields,
                                     decoder_names, require_silu, rope_from_hf)
 from jaxlora.quant.qarray import dequantize, is_quantized
@@ -179,7 +179,7 @@ class Experts(LayerPart):
         w2 = kernel((e, f, d), ("expert", "mlp", "embed"), "w2")
         h1 = jnp.einsum("btd,edf->btef", x, w1) + self._lora(x, lora.get("w1"), "btd,edr->bter", "bter,erf->btef")
         h3 = jnp.einsum("btd,edf->btef", x, w3) + self._lora(x, lora.get("w3"), "btd,edr->bter", "bter,erf->btef")
-        h_BxTxExF = sharding.constrain(nn.silu(h1) * h3, ("batch", None, "expert", "mlp"))
+        h_BxTxExF = sharding.constrain(gated_activation(nn.silu, h1, h3), ("batch", None, "expert", "mlp"))
         # the combine folded into w2's input: sum_e g_e (h_e w2_e) = (g * h) contracted over (e, f) at once
         hw = h_BxTxExF * cast(combine_BxTxE)[..., None]
         out = jnp.einsum("btef,efd->btd", hw, w2) + self._lora(hw, lora.get("w2"), "btef,efr->bter", "bter,erd->btd")

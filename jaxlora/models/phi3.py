@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.models.attention import dot_product_attention
-from jaxlora.models.common import ACTIVATIONS, LayerPart, LoraDense, supported_architecture
+from jaxlora.models.common import ACTIVATIONS, LayerPart, LoraDense, gated_activation, supported_architecture
 from jaxlora.models.decoder import (PROJ_KERNEL_RULE, CausalLM, Decoder, DecoderDims, PreNormLayer, apply_rope,
                                     decoder_family, decoder_fields, decoder_names, with_cache)
 
@@ -180,7 +180,8 @@ class Phi3MLP(LayerPart):
                                                    name=name)(x, lora.get(name))
         gate_up = dense(2 * c.intermediate_size, ("embed", "mlp"), "gate_up_proj", x_BxTxD)
         gate, up = gate_up[..., :c.intermediate_size], gate_up[..., c.intermediate_size:]
-        return dense(c.hidden_size, ("mlp", "embed"), "down_proj", up * ACTIVATIONS[c.hidden_act](gate))
+        activated = gated_activation(ACTIVATIONS[c.hidden_act], gate, up)
+        return dense(c.hidden_size, ("mlp", "embed"), "down_proj", activated)
 
 
 class DecoderLayer(PreNormLayer):
