@@ -162,9 +162,11 @@ def _dynamic_range(index, options: list, compute):
     only the chosen one (op by op, like the rest of an un-jitted call); with one option, compute(options[0])."""
     if len(options) == 1:
         return compute(options[0])
-    if not isinstance(index, jax.core.Tracer):
-        return compute(options[int(index)])
-    return jax.lax.switch(index, [functools.partial(compute, o) for o in options])
+    try:  # public errors, not an isinstance check on jax.core.Tracer (jax.core's API is being retired)
+        chosen = options[int(index)]
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        return jax.lax.switch(index, [functools.partial(compute, o) for o in options])
+    return compute(chosen)
 
 
 def _attention_fwd(q, k, v, mask, bias, scale, softcap, causal):
