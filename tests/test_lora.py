@@ -4,6 +4,7 @@ forward, dropout, and the modules_to_save helpers."""
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -392,3 +393,20 @@ def test_low_rank_matmul_grads_equal_autodiff_stacked(transform):
 
     ref = jax.grad(run(lambda x, a, b: (x @ a) @ b), argnums=(0, 1, 2))(x, a, b)
     _grads_close(jax.jit(jax.grad(run(low_rank_matmul_cpu), argnums=(0, 1, 2)))(x, a, b), ref)
+
+
+def test_low_rank_matmul_backward_reads_activations_row_major():
+    """XLA:CPU layout of the custom backward: no dot of the compiled gradient has x or dy (B*T rows) as its left
+    operand contracted over the rows (x^T @ dxa, dy^T @ xa: the large operand read column-wise, ~9x slower there);
+    the weight gradients are formed as (r, B*T) @ (B*T, features) and only their small results are transposed."""
+    x = jnp.ones((2, 512, 96), jnp.float32)
+    a, b = jnp.ones((96, 8), jnp.float32), jnp.ones((8, 160), jnp.float32)
+    loss = lambda x, a, b: jnp.sum(jnp.sin(low_rank_matmul_cpu(x, a, b)))
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, a, b).compile().as_text()
+    dots = []
+    for computation in hlo.split("\n\n"):  # operand names are per computation (fusions reuse param_0, ...)
+        shapes = dict(re.findall(r"%([\w.\-]+) = (f32\[[\d,]*\])", computation))
+        dots += [(shapes.get(lhs, ""), lc) for lhs, lc in
+                 re.findall(r"\sdot\(%([\w.\-]+), %[\w.\-]+\), lhs_contracting_dims=\{(\d)\}", computation)]
+    assert len(dots) >= 5, hlo  # xa, xa @ b, dxa, dx, da, db
+    assert not [d for d in dots if d == ("f32[1024,96]", "0") or d == ("f32[1024,160]", "0")], (dots, hlo)

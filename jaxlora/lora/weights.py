@@ -96,8 +96,9 @@ def low_rank_matmul_cpu(x, a, b):
     autodiff, db = (x a)^T dy contracts the (batch, seq) dims of the small x a with those of the large cotangent
     dy (..., out), and XLA:CPU materializes dy transposed ((out, B*T), one strided copy per adapted kernel and
     step) for that dot: ~40% of a LoRA layer's backward on CPU (measured, SmolLM2 MLP shapes). Here the small
-    operand is the one transposed ((r, B*T)), behind an optimization barrier so XLA does not fold it back.
-    `python scripts/bench_low_rank.py` times it against plain autodiff; `tests/test_lora.py` checks its gradients.
+    operand is the one transposed ((r, B*T)), behind an optimization barrier so XLA does not fold it back, and
+    da is formed (r, in) behind another (XLA folded its transpose into the product, reading x transposed: 1.01x on
+    the packed SmolLM2 step, the same losses). `python scripts/bench_low_rank.py` times it against plain autodiff; `tests/test_lora.py` checks its gradients.
     """
     return (x @ a) @ b
 
@@ -113,8 +114,10 @@ def _low_rank_bwd(res, dy):
     rows = lambda t: t.reshape(-1, t.shape[-1])  # (B*T, features)
     xa_t, dxa_t = jax.lax.optimization_barrier((rows(xa).T, rows(dxa).T))  # (r, B*T): small
     db = xa_t @ rows(dy)  # (r, out)
-    da = (dxa_t @ rows(x)).T  # (in, r)
-    return dxa @ a.T, da.astype(a.dtype), db.astype(b.dtype)
+    # (r, in), kept so: XLA folds a transpose of the product into it, x^T @ dxa, whose x read column-wise ran ~9x
+    # slower (2.7 ms vs 0.3 ms for x (1024, 1536)); the (in, r) transpose of the small result is nothing
+    da_t = jax.lax.optimization_barrier(dxa_t @ rows(x))
+    return dxa @ a.T, da_t.T.astype(a.dtype), db.astype(b.dtype)
 
 
 low_rank_matmul_cpu.defvjp(_low_rank_fwd, _low_rank_bwd)
