@@ -151,6 +151,24 @@ def test_keeps_no_score_sized_array_for_the_backward_pass():
         q, jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2), mask=mask)) >= score_size
 
 
+def test_grouped_query_heads_share_their_key_head_without_copies():
+    """Grouped-query attention (N = 6 query heads on K = 2 key/value heads) runs each key head's 3 query heads as the
+    rows of one product: the compiled forward and backward hold no key or value repeated to the N query heads
+    (HF's repeat_kv, (B, N, S, H) or (B, S, N, H); S = 40 differs from T = 24, so no query-shaped array matches)."""
+    s = 40
+    q, k, v, d_out = _inputs(12, s=s)
+    mask = np.ones((B, 1, 1, s), bool)
+
+    def step(q, k, v, d):
+        out, vjp = jax.vjp(lambda q, k, v: dot_product_attention(q, k, v, mask), q, k, v)
+        return (out,) + vjp(d)
+
+    hlo = jax.jit(step).lower(q, k, v, d_out).compile().as_text()
+    assert f"f32[{B},{KV},{s},{H}]" in hlo or f"f32[{B},{s},{KV},{H}]" in hlo  # the key heads themselves are there
+    for repeated in (f"f32[{B},{N},{s},{H}]", f"f32[{B},{s},{N},{H}]"):
+        assert repeated not in hlo, repeated
+
+
 def test_bfloat16_inputs_keep_their_dtype():
     q, k, v, d_out = (x.astype(jnp.bfloat16) for x in _inputs())
     mask = _packed_mask()
