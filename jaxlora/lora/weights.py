@@ -98,7 +98,8 @@ def low_rank_matmul_cpu(x, a, b):
     step) for that dot: ~40% of a LoRA layer's backward on CPU (measured, SmolLM2 MLP shapes). Here the small
     operand is the one transposed ((r, B*T)), behind an optimization barrier so XLA does not fold it back, and
     da is formed (r, in) behind another (XLA folded its transpose into the product, reading x transposed: 1.01x on
-    the packed SmolLM2 step, the same losses). `python scripts/bench_low_rank.py` times it against plain autodiff; `tests/test_lora.py` checks its gradients.
+    the packed SmolLM2 step, the same losses). `python scripts/bench_low_rank.py` times it against plain autodiff;
+    `tests/test_lora.py` checks its gradients and the compiled layout.
     """
     return (x @ a) @ b
 
